@@ -1,0 +1,261 @@
+//! Checkpoints: [C2SP tlog-checkpoint](https://c2sp.org/tlog-checkpoint) bodies signed as
+//! [C2SP signed notes](https://c2sp.org/signed-note) by the ledger key.
+//!
+//! ```text
+//! <origin>\n<tree size>\n<base64 root hash>\n\n— <origin> <base64(key hash || signature)>\n
+//! ```
+//!
+//! The note key name equals the origin. A verifier is given the key as a C2SP verifier key
+//! string `<origin>+<key hash hex>+<base64(0x01 || public key)>`; [`open`] is the only way to
+//! obtain a [`VerifiedCheckpoint`] ("parse, don't validate").
+//!
+//! Pure: no I/O, no async. Shared by the server and the offline verifier.
+
+use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
+use signed_note::{Note, StandardVerifier, Verifier, VerifierList};
+
+use crate::merkle::Hash;
+
+/// Signature algorithm byte of Ed25519 in C2SP signed notes.
+const ALG_ED25519: u8 = 0x01;
+
+/// Why a checkpoint or a verifier key was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckpointError {
+    /// The verifier key string is not `<name>+<hash>+<base64 key>` for an Ed25519 key.
+    #[error("malformed verifier key: {0}")]
+    MalformedVerifierKey(String),
+    /// The origin is not a valid key name (empty, whitespace or '+').
+    #[error("invalid origin {0:?}: must be non-empty, without spaces or '+'")]
+    InvalidOrigin(String),
+    /// The note is not a well-formed signed note.
+    #[error("malformed signed note")]
+    MalformedNote,
+    /// The note carries no signature by the trusted key.
+    #[error("checkpoint is not signed by the trusted key")]
+    NotSignedByKey,
+    /// A signature claiming to be by the trusted key does not verify.
+    #[error("checkpoint signature does not verify")]
+    BadSignature,
+    /// The note's text is not a tlog-checkpoint body.
+    #[error("malformed checkpoint body")]
+    MalformedBody,
+    /// The body's origin differs from the trusted key's name.
+    #[error("checkpoint origin {found:?} differs from the key's {expected:?}")]
+    OriginMismatch { expected: String, found: String },
+}
+
+/// The checkpoint body: origin, tree size and root hash, one per line.
+pub fn body(origin: &str, tree_size: u64, root: &Hash) -> String {
+    use base64::Engine as _;
+    format!(
+        "{origin}\n{tree_size}\n{}\n",
+        base64::engine::general_purpose::STANDARD.encode(root.0)
+    )
+}
+
+fn encoded_public_key(key: &VerifyingKey) -> Vec<u8> {
+    let mut encoded = vec![ALG_ED25519];
+    encoded.extend_from_slice(key.as_bytes());
+    encoded
+}
+
+/// Checks that `origin` can be a note key name and a checkpoint origin.
+pub fn validate_origin(origin: &str) -> Result<(), CheckpointError> {
+    if signed_note::is_key_name_valid(origin) {
+        Ok(())
+    } else {
+        Err(CheckpointError::InvalidOrigin(origin.to_owned()))
+    }
+}
+
+/// The ledger's checkpoint signer: an Ed25519 key and the origin it signs for.
+pub struct CheckpointSigner {
+    origin: String,
+    note_key_id: u32,
+    signing_key: SigningKey,
+}
+
+impl CheckpointSigner {
+    /// A signer for `origin` with `signing_key`.
+    pub fn new(origin: &str, signing_key: SigningKey) -> Result<Self, CheckpointError> {
+        validate_origin(origin)?;
+        let note_key_id =
+            signed_note::key_id(origin, &encoded_public_key(&signing_key.verifying_key()));
+        Ok(Self {
+            origin: origin.to_owned(),
+            note_key_id,
+            signing_key,
+        })
+    }
+
+    /// The origin (and note key name).
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The C2SP verifier key string an auditor is given.
+    pub fn verifier_key(&self) -> String {
+        signed_note::new_ed25519_verifier_key(&self.origin, &self.signing_key.verifying_key())
+    }
+
+    /// Signs the checkpoint of a tree and returns the whole signed note.
+    pub fn sign(&self, tree_size: u64, root: &Hash) -> String {
+        let text = body(&self.origin, tree_size, root);
+        let signature = self.signing_key.sign(text.as_bytes());
+        let mut sig_bytes = self.note_key_id.to_be_bytes().to_vec();
+        sig_bytes.extend_from_slice(&signature.to_bytes());
+        use base64::Engine as _;
+        format!(
+            "{text}\n\u{2014} {} {}\n",
+            self.origin,
+            base64::engine::general_purpose::STANDARD.encode(sig_bytes)
+        )
+    }
+}
+
+/// A trusted ledger key, parsed from a C2SP verifier key string.
+#[derive(Clone)]
+pub struct LedgerVerifier {
+    inner: StandardVerifier,
+    key_string: String,
+}
+
+impl std::fmt::Debug for LedgerVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.key_string)
+    }
+}
+
+impl LedgerVerifier {
+    /// Parses `<name>+<hash>+<base64(0x01 || key)>`.
+    pub fn parse(key_string: &str) -> Result<Self, CheckpointError> {
+        let key_string = key_string.trim();
+        let inner = StandardVerifier::new(key_string)
+            .map_err(|e| CheckpointError::MalformedVerifierKey(e.to_string()))?;
+        Ok(Self {
+            inner,
+            key_string: key_string.to_owned(),
+        })
+    }
+
+    /// The key name, which is the ledger's origin.
+    pub fn origin(&self) -> &str {
+        self.inner.name()
+    }
+
+    /// The verifier key string.
+    pub fn key_string(&self) -> &str {
+        &self.key_string
+    }
+}
+
+/// A checkpoint whose signature by the trusted key has been checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifiedCheckpoint {
+    origin: String,
+    tree_size: u64,
+    root: Hash,
+    note: String,
+}
+
+impl VerifiedCheckpoint {
+    /// The log's origin.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+    /// Number of entries the checkpoint commits to.
+    pub fn tree_size(&self) -> u64 {
+        self.tree_size
+    }
+    /// Root hash of those entries.
+    pub fn root(&self) -> Hash {
+        self.root
+    }
+    /// The signed note as given.
+    pub fn note(&self) -> &str {
+        &self.note
+    }
+}
+
+/// Parses a signed checkpoint note and verifies its signature by `key`.
+pub fn open(note: &str, key: &LedgerVerifier) -> Result<VerifiedCheckpoint, CheckpointError> {
+    let parsed = Note::from_bytes(note.as_bytes()).map_err(|_| CheckpointError::MalformedNote)?;
+    let verifiers = VerifierList::new(vec![Box::new(key.inner.clone())]);
+    parsed.verify(&verifiers).map_err(|e| match e {
+        signed_note::NoteError::InvalidSignature { .. } => CheckpointError::BadSignature,
+        _ => CheckpointError::NotSignedByKey,
+    })?;
+    let checkpoint = tlog_tiles::Checkpoint::from_bytes(parsed.text())
+        .map_err(|_| CheckpointError::MalformedBody)?;
+    if checkpoint.origin() != key.origin() {
+        return Err(CheckpointError::OriginMismatch {
+            expected: key.origin().to_owned(),
+            found: checkpoint.origin().to_owned(),
+        });
+    }
+    Ok(VerifiedCheckpoint {
+        origin: checkpoint.origin().to_owned(),
+        tree_size: checkpoint.size(),
+        root: *checkpoint.hash(),
+        note: note.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_vectors::{hex_field, load};
+
+    fn vector_signer() -> (serde_json::Value, CheckpointSigner) {
+        let v = load("checkpoint.json");
+        let seed: [u8; 32] = hex_field(&v, "seed").try_into().unwrap();
+        let signer =
+            CheckpointSigner::new(v["origin"].as_str().unwrap(), SigningKey::from_bytes(&seed))
+                .unwrap();
+        (v, signer)
+    }
+
+    #[test]
+    fn reproduces_checkpoint_vector() {
+        let (v, signer) = vector_signer();
+        let root = Hash(hex_field(&v, "root_hash").try_into().unwrap());
+        let size = v["tree_size"].as_u64().unwrap();
+        assert_eq!(
+            body(signer.origin(), size, &root),
+            v["body"].as_str().unwrap()
+        );
+        assert_eq!(signer.sign(size, &root), v["note"].as_str().unwrap());
+        assert_eq!(signer.verifier_key(), v["verifier_key"].as_str().unwrap());
+    }
+
+    #[test]
+    fn opens_vector_note() {
+        let v = load("checkpoint.json");
+        let key = LedgerVerifier::parse(v["verifier_key"].as_str().unwrap()).unwrap();
+        let checkpoint = open(v["note"].as_str().unwrap(), &key).unwrap();
+        assert_eq!(checkpoint.origin(), v["origin"].as_str().unwrap());
+        assert_eq!(checkpoint.tree_size(), v["tree_size"].as_u64().unwrap());
+        assert_eq!(checkpoint.root().0.to_vec(), hex_field(&v, "root_hash"));
+    }
+
+    #[test]
+    fn refuses_altered_notes_and_other_keys() {
+        let (v, signer) = vector_signer();
+        let key = LedgerVerifier::parse(&signer.verifier_key()).unwrap();
+        let note = v["note"].as_str().unwrap();
+        // Altered tree size.
+        let altered = note.replacen("\n8\n", "\n9\n", 1);
+        assert_eq!(open(&altered, &key), Err(CheckpointError::BadSignature));
+        // Signed by another key under the same name.
+        let other =
+            CheckpointSigner::new(signer.origin(), SigningKey::from_bytes(&[5; 32])).unwrap();
+        let forged = other.sign(8, &Hash([0; 32]));
+        assert_eq!(open(&forged, &key), Err(CheckpointError::NotSignedByKey));
+        // Garbage.
+        assert_eq!(open("nonsense", &key), Err(CheckpointError::MalformedNote));
+        assert!(LedgerVerifier::parse("not+a+key").is_err());
+        assert!(CheckpointSigner::new("has space", SigningKey::from_bytes(&[1; 32])).is_err());
+    }
+}

@@ -1,0 +1,390 @@
+//! The ledger's storage on sled: entries, packed Merkle hash pages, the event-id index, the
+//! key registry and the newest checkpoint, all in one sled tree (layout in [`keys`]).
+//!
+//! Contract: [`Store::commit`] writes a whole batch atomically and returns only after sled
+//! has flushed it to disk; once it returns, the batch survives a crash. If the process dies
+//! before it returns, recovery shows the store as it was before the batch (sled applies a
+//! batch atomically), never half of it. [`Store::open`] checks the tail of the log against
+//! the newest checkpoint before the ledger serves anything.
+//!
+//! The store is used by one writer (the group-commit task) and many readers.
+
+pub(crate) mod keys;
+
+use std::path::Path;
+
+use crate::merkle::{self, Hash, HashReader, HASHES_PER_PAGE, HASH_SIZE};
+use crate::trust::KeyRecord;
+
+/// A storage failure. Reaches gRPC clients only as a generic `INTERNAL`; the detail is logged.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// sled failed (I/O error, corruption it detected itself).
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    /// Reading state for a rule failed.
+    #[error("couldn't read state: {0}")]
+    Read(String),
+    /// The stored data contradicts itself (e.g. a missing entry below the tree size, a
+    /// checkpoint that does not match the stored hashes).
+    #[error("store is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+/// The newest checkpoint and what it commits to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Head {
+    /// Number of entries in the tree.
+    pub tree_size: u64,
+    /// Root hash of those entries.
+    pub root: Hash,
+    /// The signed checkpoint note for (`tree_size`, `root`).
+    pub checkpoint: String,
+}
+
+/// One group commit: entries `first_seq ..` and everything derived from them.
+#[derive(Debug, Default)]
+pub struct Commit {
+    /// Seq of the first entry; must equal the current tree size.
+    pub first_seq: u64,
+    /// The entries' stored bytes, in seq order.
+    pub entries: Vec<Vec<u8>>,
+    /// The new stored hashes, starting at stored index `stored_hash_count(first_seq)`.
+    pub hashes: Vec<Hash>,
+    /// `event_id -> seq` for every new entry.
+    pub event_ids: Vec<(String, u64)>,
+    /// Key registry records that are new or changed.
+    pub keys: Vec<(String, KeyRecord)>,
+    /// The checkpoint note over the tree including these entries.
+    pub checkpoint: String,
+}
+
+/// The sled-backed store. Cheap to share behind an `Arc`; reads may run concurrently with the
+/// single writer.
+pub struct Store {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(dir).open()?;
+        let tree = db.open_tree("ledger")?;
+        Ok(Self { db, tree })
+    }
+
+    /// The newest committed checkpoint's tree size and note, or `None` for a new store.
+    /// The root is read from the stored hashes.
+    pub fn head(&self) -> Result<Option<Head>, StoreError> {
+        let Some(size) = self.tree.get(keys::named(keys::META, keys::META_SIZE))? else {
+            return Ok(None);
+        };
+        let tree_size = keys::decode_u64(&size)
+            .ok_or_else(|| StoreError::Corrupt("tree size is not 8 bytes".into()))?;
+        let checkpoint = self
+            .tree
+            .get(keys::named(keys::META, keys::META_CHECKPOINT))?
+            .ok_or_else(|| StoreError::Corrupt("tree size without a checkpoint".into()))?;
+        let checkpoint = String::from_utf8(checkpoint.to_vec())
+            .map_err(|_| StoreError::Corrupt("checkpoint is not UTF-8".into()))?;
+        let root = merkle::root(tree_size, self).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        Ok(Some(Head {
+            tree_size,
+            root,
+            checkpoint,
+        }))
+    }
+
+    /// Checks the log's tail against `head`: entry `tree_size - 1` exists and its leaf hash is
+    /// the stored one, and no entry exists at or beyond `tree_size`. O(log n) reads.
+    pub fn check_tail(&self, head: &Head) -> Result<(), StoreError> {
+        if let Some((key, _)) = self
+            .tree
+            .range(keys::entry(0)..=keys::entry(u64::MAX))
+            .next_back()
+            .transpose()?
+        {
+            let last = keys::number_of(keys::ENTRY, &key)
+                .ok_or_else(|| StoreError::Corrupt("malformed entry key".into()))?;
+            if last + 1 != head.tree_size {
+                return Err(StoreError::Corrupt(format!(
+                    "last entry is {last} but the checkpoint says {} entries",
+                    head.tree_size
+                )));
+            }
+            let bytes = self
+                .entry(last)?
+                .ok_or_else(|| StoreError::Corrupt(format!("entry {last} vanished")))?;
+            let stored = self
+                .read_hashes(&[merkle::leaf_stored_index(last)])
+                .map_err(|e| StoreError::Corrupt(format!("leaf hash of {last}: {e}")))?;
+            if stored.first() != Some(&merkle::leaf_hash(&bytes)) {
+                return Err(StoreError::Corrupt(format!(
+                    "entry {last} does not match its stored leaf hash"
+                )));
+            }
+        } else if head.tree_size != 0 {
+            return Err(StoreError::Corrupt("checkpoint without entries".into()));
+        }
+        Ok(())
+    }
+
+    /// The stored bytes of entry `seq`.
+    pub fn entry(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tree.get(keys::entry(seq))?.map(|v| v.to_vec()))
+    }
+
+    /// Entries `[start, end)` in order, as `(seq, bytes)`.
+    pub fn entries(
+        &self,
+        start: u64,
+        end: u64,
+    ) -> impl Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + Send + 'static {
+        self.tree
+            .range(keys::entry(start)..keys::entry(end))
+            .map(|item| {
+                let (key, value) = item?;
+                let seq = keys::number_of(keys::ENTRY, &key)
+                    .ok_or_else(|| StoreError::Corrupt("malformed entry key".into()))?;
+                Ok((seq, value.to_vec()))
+            })
+    }
+
+    /// The seq of the entry that carries `event_id`.
+    pub fn event_seq(&self, event_id: &str) -> Result<Option<u64>, StoreError> {
+        match self
+            .tree
+            .get(keys::named(keys::EVENT_ID, event_id.as_bytes()))?
+        {
+            None => Ok(None),
+            Some(value) => keys::decode_u64(&value)
+                .map(Some)
+                .ok_or_else(|| StoreError::Corrupt(format!("event id index for {event_id:?}"))),
+        }
+    }
+
+    /// The registered key with this id.
+    pub fn key(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        match self.tree.get(keys::named(keys::KEY, key_id.as_bytes()))? {
+            None => Ok(None),
+            Some(value) => prost::Message::decode(value.as_ref())
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("key record {key_id}: {e}"))),
+        }
+    }
+
+    fn hash_page(&self, page: u64) -> Result<Vec<u8>, StoreError> {
+        Ok(self
+            .tree
+            .get(keys::hash_page(page))?
+            .map(|v| v.to_vec())
+            .unwrap_or_default())
+    }
+
+    /// Writes `commit` atomically and flushes it to disk. Durable once this returns `Ok`.
+    pub fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        let tree_size = commit.first_seq + commit.entries.len() as u64;
+        for (offset, bytes) in commit.entries.iter().enumerate() {
+            batch.insert(
+                &keys::entry(commit.first_seq + offset as u64),
+                bytes.as_slice(),
+            );
+        }
+        // Hash pages: merge the new hashes into the tail page and any new pages.
+        let mut index = merkle::stored_hash_count(commit.first_seq);
+        let mut pending = commit.hashes.as_slice();
+        while !pending.is_empty() {
+            let (page, slot) = merkle::page_of(index);
+            let mut bytes = self.hash_page(page)?;
+            if bytes.len() != slot * HASH_SIZE {
+                return Err(StoreError::Corrupt(format!(
+                    "hash page {page} holds {} bytes, expected {}",
+                    bytes.len(),
+                    slot * HASH_SIZE
+                )));
+            }
+            let room = HASHES_PER_PAGE as usize - slot;
+            let (now, later) = pending.split_at(room.min(pending.len()));
+            for hash in now {
+                bytes.extend_from_slice(&hash.0);
+            }
+            batch.insert(&keys::hash_page(page), bytes);
+            index += now.len() as u64;
+            pending = later;
+        }
+        if index != merkle::stored_hash_count(tree_size) {
+            return Err(StoreError::Corrupt(format!(
+                "commit of {} entries from {} brings {} hashes; the tree needs {}",
+                commit.entries.len(),
+                commit.first_seq,
+                commit.hashes.len(),
+                merkle::stored_hash_count(tree_size) - merkle::stored_hash_count(commit.first_seq)
+            )));
+        }
+        for (event_id, seq) in &commit.event_ids {
+            batch.insert(
+                keys::named(keys::EVENT_ID, event_id.as_bytes()),
+                &seq.to_be_bytes(),
+            );
+        }
+        for (key_id, record) in &commit.keys {
+            batch.insert(
+                keys::named(keys::KEY, key_id.as_bytes()),
+                prost::Message::encode_to_vec(record),
+            );
+        }
+        batch.insert(
+            keys::named(keys::META, keys::META_SIZE),
+            &tree_size.to_be_bytes(),
+        );
+        batch.insert(
+            keys::named(keys::META, keys::META_CHECKPOINT),
+            commit.checkpoint.as_bytes(),
+        );
+        // If we crash before apply_batch returns, the batch is absent after recovery.
+        self.tree.apply_batch(batch)?;
+        // If we crash before flush returns, the batch may or may not be present, but whole;
+        // no receipt has been sent for it yet.
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Flushes everything written so far (used at shutdown).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+fn reader_error(error: StoreError) -> tlog_tiles::Error {
+    tlog_tiles::Error::InvalidInput(error.to_string())
+}
+
+impl HashReader for Store {
+    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
+        let mut hashes = Vec::with_capacity(indexes.len());
+        let mut cached: Option<(u64, Vec<u8>)> = None;
+        for &index in indexes {
+            let (page, slot) = merkle::page_of(index);
+            if cached.as_ref().map(|(p, _)| *p) != Some(page) {
+                cached = Some((page, self.hash_page(page).map_err(reader_error)?));
+            }
+            let bytes = cached
+                .as_ref()
+                .map(|(_, b)| b.as_slice())
+                .unwrap_or_default();
+            let hash = bytes
+                .get(slot * HASH_SIZE..(slot + 1) * HASH_SIZE)
+                .and_then(merkle::hash_from_slice)
+                .ok_or(tlog_tiles::Error::IndexesNotInTree)?;
+            hashes.push(hash);
+        }
+        Ok(hashes)
+    }
+}
+
+/// A hash reader over the store plus hashes not yet committed (the current batch's).
+pub struct PendingHashes<'a> {
+    /// The committed hashes.
+    pub store: &'a Store,
+    /// Stored index of `pending[0]`.
+    pub start: u64,
+    /// Hashes of the current batch so far.
+    pub pending: Vec<Hash>,
+}
+
+impl HashReader for PendingHashes<'_> {
+    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
+        let committed: Vec<u64> = indexes
+            .iter()
+            .copied()
+            .filter(|&i| i < self.start)
+            .collect();
+        let mut from_store = self.store.read_hashes(&committed)?.into_iter();
+        indexes
+            .iter()
+            .map(|&i| {
+                if i < self.start {
+                    from_store.next().ok_or(tlog_tiles::Error::IndexesNotInTree)
+                } else {
+                    usize::try_from(i - self.start)
+                        .ok()
+                        .and_then(|offset| self.pending.get(offset).copied())
+                        .ok_or(tlog_tiles::Error::IndexesNotInTree)
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merkle::MemoryTree;
+
+    #[test]
+    fn commits_pages_that_agree_with_memory_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut reference = MemoryTree::new();
+        let mut seq = 0u64;
+        // Batches of odd sizes cross page boundaries at different slots.
+        for batch_len in [1usize, 7, 300, 1, 513, 40] {
+            let start = merkle::stored_hash_count(seq);
+            let mut pending = PendingHashes {
+                store: &store,
+                start,
+                pending: vec![],
+            };
+            let mut commit = Commit {
+                first_seq: seq,
+                ..Commit::default()
+            };
+            for _ in 0..batch_len {
+                let bytes = format!("entry {seq}").into_bytes();
+                let leaf = merkle::leaf_hash(&bytes);
+                let new = merkle::hashes_to_store(seq, leaf, &pending).unwrap();
+                pending.pending.extend(new);
+                reference.push(leaf);
+                commit.entries.push(bytes);
+                commit.event_ids.push((format!("ev-{seq}"), seq));
+                seq += 1;
+            }
+            commit.hashes = pending.pending;
+            commit.checkpoint = format!("note {seq}\n");
+            store.commit(&commit).unwrap();
+            let head = store.head().unwrap().unwrap();
+            assert_eq!(head.tree_size, seq);
+            assert_eq!(head.root, reference.root());
+            store.check_tail(&head).unwrap();
+        }
+        assert_eq!(store.event_seq("ev-5").unwrap(), Some(5));
+        let proof = merkle::inclusion_proof(123, seq, &store).unwrap();
+        assert_eq!(
+            proof,
+            merkle::inclusion_proof(123, seq, &reference).unwrap()
+        );
+        drop(store);
+        // Reopen: same head.
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.head().unwrap().unwrap().root, reference.root());
+    }
+
+    #[test]
+    fn refuses_a_commit_with_missing_hashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let commit = Commit {
+            first_seq: 0,
+            entries: vec![b"x".to_vec(), b"y".to_vec()],
+            hashes: vec![merkle::leaf_hash(b"x")],
+            checkpoint: "n\n".into(),
+            ..Commit::default()
+        };
+        assert!(matches!(store.commit(&commit), Err(StoreError::Corrupt(_))));
+        assert_eq!(store.head().unwrap(), None);
+    }
+}
