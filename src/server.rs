@@ -1,1 +1,290 @@
+//! Configuration, the data directory, the listener, health and reflection, and shutdown.
+//!
+//! Data directory layout (created on first start):
+//!
+//! | path | what |
+//! | --- | --- |
+//! | `db/` | the sled database |
+//! | `ledger.key` | the ledger's Ed25519 seed, hex (mode 0600); signs the genesis and checkpoints |
+//! | `ledger.pub` | the C2SP verifier key string auditors are given |
+//! | `admin.key` | the first admin key as JSON (mode 0600), only when the server generated it |
 
+use std::future::Future;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ed25519_dalek::SigningKey;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+
+use crate::checkpoint;
+use crate::envelope;
+use crate::ledger::{GenesisParams, Ledger, LedgerError};
+use crate::proto::{audit_server::AuditServer, ledger_server::LedgerServer};
+use crate::service::{AuditService, CommitQueue, LedgerService, QueueLimits};
+use crate::store::Store;
+
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "./custody-data";
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// Default origin (checkpoint first line and note key name).
+pub const DEFAULT_ORIGIN: &str = "localhost/custody";
+/// Default bound on `|occurred_at_ms - ledger clock|`.
+pub const DEFAULT_MAX_CLOCK_SKEW_MS: i64 = 300_000;
+/// Largest gRPC message the server decodes.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// How to start the ledger.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the database and keys live.
+    pub data_dir: PathBuf,
+    /// The log's origin; on an existing ledger it must match the genesis (or be `None`).
+    pub origin: Option<String>,
+    /// The first admin key for a new ledger; generated (and saved to `admin.key`) if `None`.
+    pub admin_public_key: Option<[u8; 32]>,
+    /// Clock-skew bound recorded in a new ledger's genesis.
+    pub max_clock_skew_ms: i64,
+    /// Group-commit sizes.
+    pub queue: QueueLimits,
+}
+
+impl Config {
+    /// Defaults for `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            origin: None,
+            admin_public_key: None,
+            max_clock_skew_ms: DEFAULT_MAX_CLOCK_SKEW_MS,
+            queue: QueueLimits::default(),
+        }
+    }
+}
+
+/// Why the server could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// Reading or writing the data directory failed.
+    #[error("couldn't {what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A key file is malformed.
+    #[error("{path}: {message}")]
+    KeyFile { path: PathBuf, message: String },
+    /// The configuration contradicts the existing ledger or itself.
+    #[error("{0}")]
+    Config(String),
+    /// The ledger could not be created or opened.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// The gRPC transport failed.
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// What happened while opening, for the operator.
+#[derive(Debug, Clone, Default)]
+pub struct Startup {
+    /// A new ledger was created (genesis written).
+    pub created: bool,
+    /// Where a generated admin secret key was written.
+    pub generated_admin_key: Option<PathBuf>,
+}
+
+/// A new Ed25519 key pair as `custody keygen` prints it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct KeyPairJson {
+    /// The 32-byte seed, hex.
+    pub secret_key: String,
+    /// The 32-byte public key, hex.
+    pub public_key: String,
+    /// The key id (hex of the first 16 bytes of SHA-256 of the public key).
+    pub key_id: String,
+}
+
+impl KeyPairJson {
+    /// Describes `key`.
+    pub fn from_signing_key(key: &SigningKey) -> Self {
+        let public_key = key.verifying_key().to_bytes();
+        Self {
+            secret_key: hex::encode(key.to_bytes()),
+            public_key: hex::encode(public_key),
+            key_id: envelope::key_id(&public_key),
+        }
+    }
+
+    /// The signing key this describes; checks that the public key and id match the seed.
+    pub fn signing_key(&self) -> Result<SigningKey, String> {
+        let key = parse_seed(&self.secret_key)?;
+        if hex::encode(key.verifying_key().to_bytes()) != self.public_key.to_ascii_lowercase() {
+            return Err("public_key does not belong to secret_key".into());
+        }
+        Ok(key)
+    }
+}
+
+/// Parses a hex-encoded 32-byte Ed25519 seed.
+pub fn parse_seed(hex_seed: &str) -> Result<SigningKey, String> {
+    let bytes = hex::decode(hex_seed.trim()).map_err(|e| format!("secret key is not hex: {e}"))?;
+    let seed: [u8; 32] = bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| format!("secret key must be 32 bytes, got {}", b.len()))?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// A fresh random Ed25519 key.
+pub fn generate_key() -> SigningKey {
+    SigningKey::generate(&mut rand::rngs::OsRng)
+}
+
+fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ServerError {
+    let path = path.to_owned();
+    move |source| ServerError::Io { what, path, source }
+}
+
+/// Writes `contents` to a new file readable only by its owner (0600).
+fn write_secret(path: &Path, contents: &str) -> Result<(), ServerError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(io_error("create", path))?;
+    file.write_all(contents.as_bytes())
+        .map_err(io_error("write", path))?;
+    file.sync_all().map_err(io_error("sync", path))
+}
+
+fn read_ledger_key(path: &Path) -> Result<SigningKey, ServerError> {
+    let text = std::fs::read_to_string(path).map_err(io_error("read", path))?;
+    parse_seed(&text).map_err(|message| ServerError::KeyFile {
+        path: path.to_owned(),
+        message,
+    })
+}
+
+/// Opens the ledger in `config.data_dir`, creating it (keys, genesis) on first start.
+pub fn open_ledger(config: &Config) -> Result<(Arc<Ledger>, Startup), ServerError> {
+    let dir = &config.data_dir;
+    std::fs::create_dir_all(dir).map_err(io_error("create", dir))?;
+    if let Some(origin) = &config.origin {
+        checkpoint::validate_origin(origin).map_err(|e| ServerError::Config(e.to_string()))?;
+    }
+    let store = Store::open(&dir.join("db")).map_err(LedgerError::from)?;
+    let key_path = dir.join("ledger.key");
+    let mut startup = Startup::default();
+    let ledger = if store.head().map_err(LedgerError::from)?.is_some() {
+        let ledger = Ledger::open(store, read_ledger_key(&key_path)?)?;
+        if let Some(origin) = &config.origin {
+            if origin != ledger.origin() {
+                return Err(ServerError::Config(format!(
+                    "--origin {origin:?} differs from this ledger's origin {:?}",
+                    ledger.origin()
+                )));
+            }
+        }
+        ledger
+    } else {
+        let ledger_key = if key_path.exists() {
+            read_ledger_key(&key_path)?
+        } else {
+            let key = generate_key();
+            write_secret(&key_path, &format!("{}\n", hex::encode(key.to_bytes())))?;
+            key
+        };
+        let admin_public_key = match config.admin_public_key {
+            Some(key) => key,
+            None => {
+                let admin = generate_key();
+                let path = dir.join("admin.key");
+                let json = serde_json::to_string_pretty(&KeyPairJson::from_signing_key(&admin))
+                    .map_err(|e| ServerError::Config(e.to_string()))?;
+                write_secret(&path, &format!("{json}\n"))?;
+                startup.generated_admin_key = Some(path);
+                admin.verifying_key().to_bytes()
+            }
+        };
+        startup.created = true;
+        let params = GenesisParams {
+            origin: config
+                .origin
+                .clone()
+                .unwrap_or_else(|| DEFAULT_ORIGIN.to_owned()),
+            admin_public_key,
+            max_clock_skew_ms: config.max_clock_skew_ms,
+        };
+        Ledger::create(store, ledger_key, &params)?
+    };
+    let pub_path = dir.join("ledger.pub");
+    std::fs::write(&pub_path, format!("{}\n", ledger.verifier_key()))
+        .map_err(io_error("write", &pub_path))?;
+    Ok((Arc::new(ledger), startup))
+}
+
+/// Serves the `Ledger` and `Audit` services, gRPC health and reflection on `listener` until
+/// `shutdown` completes; then stops accepting, lets open calls finish, commits and flushes
+/// what was queued, and returns.
+pub async fn run(
+    listener: TcpListener,
+    ledger: Arc<Ledger>,
+    queue_limits: QueueLimits,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let (queue, commit_task) = CommitQueue::start(ledger.clone(), queue_limits);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<LedgerServer<LedgerService>>().await;
+    health.set_serving::<AuditServer<AuditService>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Config(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServerError::Config(format!("reflection: {e}")))?;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let served = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            LedgerServer::new(LedgerService::new(queue))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            AuditServer::new(AuditService::new(ledger.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    // The router (and with it every queue handle) is gone: the commit task drains and ends.
+    if let Err(join_error) = commit_task.await {
+        tracing::error!(%join_error, "commit task failed");
+    }
+    ledger.store().flush().map_err(LedgerError::from)?;
+    served?;
+    Ok(())
+}
+
+/// Binds `addr`.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Io {
+            what: "listen on",
+            path: PathBuf::from(addr.to_string()),
+            source,
+        })
+}

@@ -75,18 +75,24 @@ impl Store {
         Ok(Self { db, tree })
     }
 
+    fn head_size(&self) -> Result<u64, StoreError> {
+        match self.tree.get(keys::named(keys::META, keys::META_SIZE))? {
+            None => Ok(0),
+            Some(size) => keys::decode_u64(&size)
+                .ok_or_else(|| StoreError::Corrupt("tree size is not 8 bytes".into())),
+        }
+    }
+
     /// The newest committed checkpoint's tree size and note, or `None` for a new store.
     /// The root is read from the stored hashes.
     pub fn head(&self) -> Result<Option<Head>, StoreError> {
-        let Some(size) = self.tree.get(keys::named(keys::META, keys::META_SIZE))? else {
-            return Ok(None);
-        };
-        let tree_size = keys::decode_u64(&size)
-            .ok_or_else(|| StoreError::Corrupt("tree size is not 8 bytes".into()))?;
-        let checkpoint = self
+        let Some(checkpoint) = self
             .tree
             .get(keys::named(keys::META, keys::META_CHECKPOINT))?
-            .ok_or_else(|| StoreError::Corrupt("tree size without a checkpoint".into()))?;
+        else {
+            return Ok(None);
+        };
+        let tree_size = self.head_size()?;
         let checkpoint = String::from_utf8(checkpoint.to_vec())
             .map_err(|_| StoreError::Corrupt("checkpoint is not UTF-8".into()))?;
         let root = merkle::root(tree_size, self).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -185,6 +191,14 @@ impl Store {
 
     /// Writes `commit` atomically and flushes it to disk. Durable once this returns `Ok`.
     pub fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
+        let committed_size = self.head_size()?;
+        if commit.first_seq != committed_size {
+            // Never overwrite: a writer whose view is stale must not reuse sequence numbers.
+            return Err(StoreError::Corrupt(format!(
+                "commit starts at {} but the log has {committed_size} entries",
+                commit.first_seq
+            )));
+        }
         let mut batch = sled::Batch::default();
         let tree_size = commit.first_seq + commit.entries.len() as u64;
         for (offset, bytes) in commit.entries.iter().enumerate() {

@@ -1,0 +1,322 @@
+//! The tonic services: `Ledger` (write side) and `Audit` (read side). The trait impls only
+//! translate between the wire and the [`Ledger`](crate::ledger::Ledger); every error becomes
+//! a status in [`status`].
+
+pub mod commit_queue;
+pub mod status;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::ledger::{decode_entry, Ledger};
+use crate::merkle;
+use crate::proto::audit_server::Audit;
+use crate::proto::ledger_server::Ledger as LedgerRpc;
+use crate::proto::{
+    Checkpoint, ConsistencyProof, ConsistencyProofRequest, GetCheckpointRequest, GetEntriesRequest,
+    GetEntryRequest, InclusionProof, InclusionProofRequest, QueryRequest, Receipt, SignedEvent,
+    StoredEntry, TraceBundle, TraceRequest, WatchRequest,
+};
+pub use commit_queue::{CommitQueue, QueueLimits};
+
+/// Receipts a single `AppendStream` may have outstanding (queued or committing) before the
+/// server stops reading from that stream.
+pub const MAX_IN_FLIGHT_PER_STREAM: usize = 4096;
+
+/// Entries buffered per streaming read before the server waits for the client.
+const STREAM_BUFFER: usize = 256;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The write side: `custody.v1.Ledger`.
+#[derive(Clone)]
+pub struct LedgerService {
+    queue: CommitQueue,
+}
+
+impl LedgerService {
+    /// A service that submits to `queue`.
+    pub fn new(queue: CommitQueue) -> Self {
+        Self { queue }
+    }
+}
+
+async fn await_reply(rx: oneshot::Receiver<commit_queue::Reply>) -> commit_queue::Reply {
+    rx.await.unwrap_or_else(|_| Err(status::unavailable()))
+}
+
+#[tonic::async_trait]
+impl LedgerRpc for LedgerService {
+    async fn append(&self, request: Request<SignedEvent>) -> Result<Response<Receipt>, Status> {
+        let rx = self.queue.submit(request.into_inner()).await?;
+        await_reply(rx).await.map(Response::new)
+    }
+
+    type AppendStreamStream = BoxStream<Receipt>;
+
+    async fn append_stream(
+        &self,
+        request: Request<Streaming<SignedEvent>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let queue = self.queue.clone();
+        // Pending replies in submission order; bounded, so a stream cannot queue without limit.
+        let (pending_tx, mut pending_rx) = mpsc::channel(MAX_IN_FLIGHT_PER_STREAM);
+        let (out_tx, out_rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(async move {
+            while let Some(item) = inbound.next().await {
+                let Ok(event) = item else { break };
+                let pending = match queue.submit(event).await {
+                    Ok(rx) => rx,
+                    Err(status) => {
+                        let (tx, rx) = oneshot::channel();
+                        let _ = tx.send(Err(status));
+                        rx
+                    }
+                };
+                if pending_tx.send(pending).await.is_err() {
+                    break;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Some(pending) = pending_rx.recv().await {
+                let receipt = match await_reply(pending).await {
+                    Ok(receipt) => receipt,
+                    Err(status) => Receipt {
+                        error: Some(status::receipt_error(&status)),
+                        ..Receipt::default()
+                    },
+                };
+                if out_tx.send(Ok(receipt)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+}
+
+/// The read side: `custody.v1.Audit`.
+#[derive(Clone)]
+pub struct AuditService {
+    ledger: Arc<Ledger>,
+}
+
+impl AuditService {
+    /// A service reading `ledger`.
+    pub fn new(ledger: Arc<Ledger>) -> Self {
+        Self { ledger }
+    }
+
+    fn stored_entry(&self, seq: u64) -> Result<StoredEntry, Status> {
+        let bytes = self
+            .ledger
+            .store()
+            .entry(seq)
+            .map_err(|e| status::storage(&e))?
+            .ok_or_else(|| {
+                status::storage(&crate::store::StoreError::Corrupt(format!(
+                    "entry {seq} is missing"
+                )))
+            })?;
+        to_stored_entry(seq, bytes)
+    }
+}
+
+fn to_stored_entry(seq: u64, bytes: Vec<u8>) -> Result<StoredEntry, Status> {
+    let decoded = decode_entry(seq, &bytes).map_err(|e| status::storage(&e))?;
+    Ok(StoredEntry {
+        entry: bytes,
+        decoded: Some(decoded),
+    })
+}
+
+/// Streams entries `[start, end)` from the store into `tx`; returns the next seq to send, or
+/// `None` once the receiver is gone.
+async fn send_entries(
+    ledger: &Arc<Ledger>,
+    start: u64,
+    end: u64,
+    tx: &mpsc::Sender<Result<StoredEntry, Status>>,
+) -> Option<u64> {
+    let mut next = start;
+    for item in ledger.store().entries(start, end) {
+        let message = item
+            .map_err(|e| status::storage(&e))
+            .and_then(|(seq, bytes)| to_stored_entry(seq, bytes));
+        let failed = message.is_err();
+        if tx.send(message).await.is_err() || failed {
+            return None;
+        }
+        next += 1;
+    }
+    Some(next)
+}
+
+fn hashes_to_bytes(hashes: Vec<merkle::Hash>) -> Vec<Vec<u8>> {
+    hashes.into_iter().map(|h| h.0.to_vec()).collect()
+}
+
+#[tonic::async_trait]
+impl Audit for AuditService {
+    async fn get_checkpoint(
+        &self,
+        _request: Request<GetCheckpointRequest>,
+    ) -> Result<Response<Checkpoint>, Status> {
+        let head = self.ledger.head();
+        Ok(Response::new(Checkpoint {
+            note: head.checkpoint,
+            tree_size: head.tree_size,
+            root_hash: head.root.0.to_vec(),
+        }))
+    }
+
+    async fn get_entry(
+        &self,
+        request: Request<GetEntryRequest>,
+    ) -> Result<Response<StoredEntry>, Status> {
+        let seq = request.into_inner().seq;
+        let size = self.ledger.head().tree_size;
+        if seq >= size {
+            return Err(Status::out_of_range(format!(
+                "entry {seq} is beyond the newest checkpoint's tree size {size}"
+            )));
+        }
+        self.stored_entry(seq).map(Response::new)
+    }
+
+    type GetEntriesStream = BoxStream<StoredEntry>;
+
+    async fn get_entries(
+        &self,
+        request: Request<GetEntriesRequest>,
+    ) -> Result<Response<Self::GetEntriesStream>, Status> {
+        let GetEntriesRequest { start, end } = request.into_inner();
+        let size = self.ledger.head().tree_size;
+        let end = if end == 0 { size } else { end };
+        if end > size {
+            return Err(Status::out_of_range(format!(
+                "end {end} is beyond the newest checkpoint's tree size {size}"
+            )));
+        }
+        if start > end {
+            return Err(Status::invalid_argument(format!(
+                "start {start} is after end {end}"
+            )));
+        }
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let ledger = self.ledger.clone();
+        tokio::spawn(async move {
+            send_entries(&ledger, start, end, &tx).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_inclusion_proof(
+        &self,
+        request: Request<InclusionProofRequest>,
+    ) -> Result<Response<InclusionProof>, Status> {
+        let InclusionProofRequest { seq, tree_size } = request.into_inner();
+        let size = self.ledger.head().tree_size;
+        let tree_size = if tree_size == 0 { size } else { tree_size };
+        if tree_size > size {
+            return Err(Status::out_of_range(format!(
+                "tree_size {tree_size} is beyond the newest checkpoint's tree size {size}"
+            )));
+        }
+        let hashes = merkle::inclusion_proof(seq, tree_size, self.ledger.store())
+            .map_err(|e| status::proof(&e))?;
+        Ok(Response::new(InclusionProof {
+            seq,
+            tree_size,
+            hashes: hashes_to_bytes(hashes),
+        }))
+    }
+
+    async fn get_consistency_proof(
+        &self,
+        request: Request<ConsistencyProofRequest>,
+    ) -> Result<Response<ConsistencyProof>, Status> {
+        let ConsistencyProofRequest { old_size, new_size } = request.into_inner();
+        let size = self.ledger.head().tree_size;
+        let new_size = if new_size == 0 { size } else { new_size };
+        if new_size > size {
+            return Err(Status::out_of_range(format!(
+                "new_size {new_size} is beyond the newest checkpoint's tree size {size}"
+            )));
+        }
+        if old_size == 0 || old_size > new_size {
+            return Err(Status::invalid_argument(format!(
+                "old_size must be between 1 and new_size ({new_size}), got {old_size}"
+            )));
+        }
+        let hashes = merkle::consistency_proof(old_size, new_size, self.ledger.store())
+            .map_err(|e| status::proof(&e))?;
+        Ok(Response::new(ConsistencyProof {
+            old_size,
+            new_size,
+            hashes: hashes_to_bytes(hashes),
+        }))
+    }
+
+    type QueryStream = BoxStream<StoredEntry>;
+
+    async fn query(
+        &self,
+        _request: Request<QueryRequest>,
+    ) -> Result<Response<Self::QueryStream>, Status> {
+        Err(Status::unimplemented(
+            "Query arrives with the chain-of-trust indexes (issue #3)",
+        ))
+    }
+
+    async fn trace(
+        &self,
+        _request: Request<TraceRequest>,
+    ) -> Result<Response<TraceBundle>, Status> {
+        Err(Status::unimplemented(
+            "Trace arrives with the chain-of-trust rules (issue #3)",
+        ))
+    }
+
+    type WatchStream = BoxStream<StoredEntry>;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let start = request.into_inner().start_seq;
+        let mut sizes = self.ledger.subscribe();
+        let size = *sizes.borrow_and_update();
+        if start > size {
+            return Err(Status::out_of_range(format!(
+                "start_seq {start} is beyond the newest checkpoint's tree size {size}"
+            )));
+        }
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let ledger = self.ledger.clone();
+        tokio::spawn(async move {
+            let mut next = start;
+            loop {
+                let size = *sizes.borrow_and_update();
+                if size > next {
+                    match send_entries(&ledger, next, size, &tx).await {
+                        Some(sent_up_to) => next = sent_up_to,
+                        None => return,
+                    }
+                }
+                tokio::select! {
+                    changed = sizes.changed() => if changed.is_err() { return },
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
