@@ -322,7 +322,7 @@ impl Ledger {
         match trust::evaluate(&event, &signer, batch.next_seq(), batch).map_err(view_store_error)? {
             Err(refusal) => Ok(Err(refusal)),
             Ok((verdict, delta)) => Ok(Ok(Checked::Accepted {
-                event,
+                event: Box::new(event),
                 verdict,
                 delta,
             })),
@@ -410,7 +410,7 @@ enum Checked {
         seq: u64,
     },
     Accepted {
-        event: Event,
+        event: Box<Event>,
         verdict: Verdict,
         delta: trust::StateDelta,
     },

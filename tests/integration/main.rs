@@ -1,0 +1,16 @@
+//! Integration tests: each starts a real ledger in-process on `127.0.0.1:0` and drives it over
+//! a real socket with the generated tonic clients.
+//!
+//! - `support`: starting and stopping servers, keys, signed-event builders.
+//! - `write`: genesis, key grants, unary and streaming appends, every refusal.
+//! - `durability`: restart keeps size, root and the hash chain; data-directory files.
+//! - `proofs`: receipts proved against checkpoints with the pure core only; out-of-range reads.
+//! - `watch`: existing entries, then live ones.
+//! - `server`: gRPC health and reflection.
+
+mod durability;
+mod proofs;
+mod server;
+mod support;
+mod watch;
+mod write;

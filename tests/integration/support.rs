@@ -1,0 +1,175 @@
+//! Starting ledgers in-process and building signed events.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use custody::envelope;
+use custody::proto::{
+    audit_client::AuditClient, event::Body, ledger_client::LedgerClient, Consent, Event,
+    GetCheckpointRequest, KeyGrant, Receipt, Role, SignedEvent,
+};
+use custody::server::{self, Config, ServerError};
+use ed25519_dalek::SigningKey;
+use prost::Message as _;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// A ledger served in-process on 127.0.0.1 with an ephemeral port.
+pub struct TestLedger {
+    pub dir: TempDir,
+    pub addr: SocketAddr,
+    pub admin: SigningKey,
+    pub verifier_key: String,
+    shutdown: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), ServerError>>,
+}
+
+/// A deterministic key for tests.
+pub fn key(seed: u8) -> SigningKey {
+    SigningKey::from_bytes(&[seed; 32])
+}
+
+pub fn key_id(key: &SigningKey) -> String {
+    envelope::key_id(&key.verifying_key().to_bytes())
+}
+
+pub fn now() -> i64 {
+    custody::ledger::now_ms()
+}
+
+impl TestLedger {
+    /// A new ledger in a new temporary directory with admin key `key(1)`.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir).await
+    }
+
+    /// Starts (or restarts) the ledger whose data lives in `dir`.
+    pub async fn start_in(dir: TempDir) -> Self {
+        let admin = key(1);
+        let mut config = Config::new(dir.path().join("data"));
+        config.admin_public_key = Some(admin.verifying_key().to_bytes());
+        let (ledger, _startup) = server::open_ledger(&config).unwrap();
+        let verifier_key = ledger.verifier_key();
+        let listener = server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(listener, ledger, config.queue, async {
+            let _ = stop.await;
+        }));
+        Self {
+            dir,
+            addr,
+            admin,
+            verifier_key,
+            shutdown,
+            task,
+        }
+    }
+
+    pub fn data_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Stops the server cleanly and hands back its directory.
+    pub async fn stop(self) -> TempDir {
+        let _ = self.shutdown.send(());
+        self.task.await.unwrap().unwrap();
+        self.dir
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn ledger(&self) -> LedgerClient<Channel> {
+        LedgerClient::connect(self.url()).await.unwrap()
+    }
+
+    pub async fn audit(&self) -> AuditClient<Channel> {
+        AuditClient::connect(self.url()).await.unwrap()
+    }
+
+    pub async fn tree_size(&self) -> u64 {
+        self.audit()
+            .await
+            .get_checkpoint(GetCheckpointRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .tree_size
+    }
+
+    /// Appends `event` signed by `signer`, expecting success.
+    pub async fn append_ok(&self, signer: &SigningKey, event: &Event) -> Receipt {
+        self.ledger()
+            .await
+            .append(sign(signer, event))
+            .await
+            .unwrap_or_else(|status| panic!("append {} refused: {status:?}", event.event_id))
+            .into_inner()
+    }
+
+    /// Registers `key` with `role` and `principal`, signed by the admin.
+    pub async fn grant(&self, key: &SigningKey, role: Role, principal: &str) -> Receipt {
+        let event = key_grant(&format!("grant-{}", key_id(key)), key, role, principal);
+        self.append_ok(&self.admin.clone(), &event).await
+    }
+}
+
+/// Signs `event` with `signer`.
+pub fn sign(signer: &SigningKey, event: &Event) -> SignedEvent {
+    sign_payload(signer, event.encode_to_vec())
+}
+
+pub fn sign_payload(signer: &SigningKey, payload: Vec<u8>) -> SignedEvent {
+    SignedEvent {
+        signature: envelope::sign_payload(signer, &payload).to_vec(),
+        key_id: key_id(signer),
+        payload,
+    }
+}
+
+pub fn event(event_id: &str, body: Body) -> Event {
+    Event {
+        event_id: event_id.into(),
+        occurred_at_ms: now(),
+        body: Some(body),
+    }
+}
+
+pub fn key_grant(event_id: &str, key: &SigningKey, role: Role, principal: &str) -> Event {
+    event(
+        event_id,
+        Body::KeyGrant(KeyGrant {
+            public_key: key.verifying_key().to_bytes().to_vec(),
+            role: role as i32,
+            principal: principal.into(),
+            not_before_ms: 0,
+            not_after_ms: 0,
+        }),
+    )
+}
+
+pub fn consent(event_id: &str, consent_id: &str, user: &str) -> Event {
+    event(
+        event_id,
+        Body::Consent(Consent {
+            consent_id: consent_id.into(),
+            user: user.into(),
+            agent: "mail-assistant".into(),
+            scopes: vec!["mail:read".into()],
+            audiences: vec!["mail.example".into()],
+            expires_at_ms: now() + 3_600_000,
+            purpose: "summarize my inbox".into(),
+            ..Consent::default()
+        }),
+    )
+}
+
+pub fn file_mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
