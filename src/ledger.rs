@@ -548,3 +548,69 @@ impl TrustView for Batch<'_> {
         self.store.key(key_id).map_err(|e| ViewError(e.to_string()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{KeyGrant, Role};
+
+    fn signed(key: &SigningKey, event: &Event) -> SignedEvent {
+        let payload = event.encode_to_vec();
+        SignedEvent {
+            signature: envelope::sign_payload(key, &payload).to_vec(),
+            key_id: envelope::key_id(&key.verifying_key().to_bytes()),
+            payload,
+        }
+    }
+
+    #[test]
+    fn a_batch_is_one_commit_with_one_checkpoint_and_refusals_do_not_disturb_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let admin = SigningKey::from_bytes(&[1; 32]);
+        let params = GenesisParams {
+            origin: "test/ledger".into(),
+            admin_public_key: admin.verifying_key().to_bytes(),
+            max_clock_skew_ms: 60_000,
+        };
+        let ledger = Ledger::create(
+            Store::open(dir.path()).unwrap(),
+            SigningKey::from_bytes(&[2; 32]),
+            &params,
+        )
+        .unwrap();
+        let grant = |i: u8| Event {
+            event_id: format!("grant-{i}"),
+            occurred_at_ms: now_ms(),
+            body: Some(Body::KeyGrant(KeyGrant {
+                public_key: SigningKey::from_bytes(&[10 + i; 32])
+                    .verifying_key()
+                    .to_bytes()
+                    .to_vec(),
+                role: Role::Issuer as i32,
+                principal: format!("issuer-{i}"),
+                not_before_ms: 0,
+                not_after_ms: 0,
+            })),
+        };
+        let mut events: Vec<_> = (0..10).map(|i| signed(&admin, &grant(i))).collect();
+        events[4].signature[0] ^= 1;
+        let outcomes = ledger.append_batch(events).unwrap();
+        let receipts: Vec<_> = outcomes.iter().filter_map(|o| o.as_ref().ok()).collect();
+        assert_eq!(receipts.len(), 9);
+        assert!(matches!(outcomes[4], Err(Refusal::BadSignature(_))));
+        let seqs: Vec<u64> = receipts.iter().map(|r| r.seq).collect();
+        assert_eq!(
+            seqs,
+            (1..10).collect::<Vec<_>>(),
+            "accepted events get consecutive seqs"
+        );
+        // One checkpoint for the whole batch, over all of it.
+        assert!(receipts
+            .iter()
+            .all(|r| r.checkpoint == receipts[0].checkpoint));
+        let verifier = LedgerVerifier::parse(&ledger.verifier_key()).unwrap();
+        let checkpoint = checkpoint::open(&receipts[0].checkpoint, &verifier).unwrap();
+        assert_eq!(checkpoint.tree_size(), 10);
+        assert_eq!(ledger.head().tree_size, 10);
+    }
+}
