@@ -21,8 +21,12 @@ use crate::checkpoint::{self, CheckpointError, CheckpointSigner, LedgerVerifier}
 use crate::envelope;
 use crate::merkle::{self, Hash};
 use crate::proto::{event::Body, Entry, Event, Genesis, Receipt, SignedEvent, Verdict};
+use crate::store::keys as store_keys;
 use crate::store::{Commit, Head, PendingHashes, Store, StoreError};
-use crate::trust::{self, KeyRecord, Refusal, StateChange, TrustView, ViewError};
+use crate::trust::{
+    self, ConsentRecord, Evaluation, IndexField, KeyRecord, Refusal, StateChange, TokenRecord,
+    TrustView, ViewError,
+};
 
 /// What the ledger is created with; recorded in the genesis entry.
 #[derive(Debug, Clone)]
@@ -112,15 +116,15 @@ impl Ledger {
             head: RwLock::new(empty),
             size_tx,
         };
-        let mut batch = Batch::new(&ledger)?;
+        let mut batch = Batch::new(&ledger.store, 0)?;
         let ledger_record = KeyRecord {
             public_key: ledger_key.verifying_key().to_bytes().to_vec(),
             ..KeyRecord::default()
         };
-        let (verdict, delta) = trust::evaluate(&event, &ledger_record, 0, &batch)
+        let evaluation = trust::evaluate(&event, &ledger_record, 0, &batch)
             .map_err(view_error)?
             .map_err(|e| LedgerError::Mismatch(format!("genesis refused: {e}")))?;
-        batch.push(signed, &event, verdict, delta, now_ms())?;
+        batch.push(signed, &event, evaluation, now_ms())?;
         ledger.commit(batch)?;
         Ok(ledger)
     }
@@ -128,11 +132,18 @@ impl Ledger {
     /// Opens an existing ledger: checks that `ledger_key` is the one its genesis names, that
     /// the newest checkpoint verifies under it and matches the stored hashes, and that the
     /// log's tail agrees with the checkpoint.
+    ///
+    /// If only the entries are left (the derived data was deleted or lost), everything else is
+    /// rebuilt from them first: each entry is judged again and must get its recorded verdict.
     pub fn open(store: Store, ledger_key: SigningKey) -> Result<Self, LedgerError> {
+        let genesis = read_genesis(&store)?;
+        if store.head()?.is_none() {
+            let signer = CheckpointSigner::new(&genesis.origin, ledger_key.clone())?;
+            rebuild(&store, &signer)?;
+        }
         let head = store
             .head()?
             .ok_or_else(|| LedgerError::Mismatch("the store holds no ledger".into()))?;
-        let genesis = read_genesis(&store)?;
         if genesis.ledger_public_key != ledger_key.verifying_key().to_bytes() {
             return Err(LedgerError::Mismatch(
                 "the ledger key does not match the one the genesis names".into(),
@@ -198,7 +209,7 @@ impl Ledger {
         events: Vec<SignedEvent>,
     ) -> Result<Vec<Result<Receipt, Refusal>>, StoreError> {
         let now = now_ms();
-        let mut batch = Batch::new(self)?;
+        let mut batch = Batch::new(&self.store, self.head().tree_size)?;
         let mut outcomes = Vec::with_capacity(events.len());
         for signed in events {
             outcomes.push(self.admit(signed, now, &mut batch)?);
@@ -247,12 +258,9 @@ impl Ledger {
         match self.check(&signed, now, batch)? {
             Err(refusal) => Ok(Admitted::Refused(refusal)),
             Ok(Checked::Duplicate { event_id, seq }) => Ok(Admitted::Duplicate { event_id, seq }),
-            Ok(Checked::Accepted {
-                event,
-                verdict,
-                delta,
-            }) => {
-                let (seq, leaf) = batch.push(signed, &event, verdict.clone(), delta, now)?;
+            Ok(Checked::Accepted { event, evaluation }) => {
+                let verdict = evaluation.verdict.clone();
+                let (seq, leaf) = batch.push(signed, &event, evaluation, now)?;
                 Ok(Admitted::New {
                     event_id: event.event_id,
                     seq,
@@ -263,8 +271,9 @@ impl Ledger {
         }
     }
 
-    /// Every check an event passes before it is sequenced, in the order documented on the
-    /// module. Storage failures are the outer error; refusals the inner.
+    /// Every check an event passes before it is sequenced, in the order documented on
+    /// [`trust`]: shape, exact retry, authentication, event-id reuse, clock skew, role and
+    /// principal, then the rules. Storage failures are the outer error; refusals the inner.
     fn check(
         &self,
         signed: &SignedEvent,
@@ -291,17 +300,10 @@ impl Ledger {
                 }));
             }
         }
-        let Some(signer) = batch.key(&signed.key_id).map_err(view_store_error)? else {
-            return Ok(Err(Refusal::UnknownKey(signed.key_id.clone())));
+        let signer = match trust::authenticate(signed, &event, batch).map_err(view_store_error)? {
+            Ok(signer) => signer,
+            Err(refusal) => return Ok(Err(refusal)),
         };
-        if let Err(refusal) = trust::key_valid_at(&signed.key_id, &signer, event.occurred_at_ms) {
-            return Ok(Err(refusal));
-        }
-        let verified = envelope::parse_public_key(&signer.public_key)
-            .and_then(|key| envelope::verify_payload(&key, &signed.payload, &signed.signature));
-        if let Err(e) = verified {
-            return Ok(Err(Refusal::BadSignature(e.to_string())));
-        }
         if let Some(seq) = earlier {
             return Ok(Err(Refusal::EventIdReused {
                 event_id: event.event_id,
@@ -321,10 +323,9 @@ impl Ledger {
         }
         match trust::evaluate(&event, &signer, batch.next_seq(), batch).map_err(view_store_error)? {
             Err(refusal) => Ok(Err(refusal)),
-            Ok((verdict, delta)) => Ok(Ok(Checked::Accepted {
+            Ok(evaluation) => Ok(Ok(Checked::Accepted {
                 event: Box::new(event),
-                verdict,
-                delta,
+                evaluation,
             })),
         }
     }
@@ -335,18 +336,7 @@ impl Ledger {
         let root = merkle::root(tree_size, &batch.hashes)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let checkpoint = self.signer.sign(tree_size, &root);
-        let commit = Commit {
-            first_seq: batch.first_seq,
-            entries: batch
-                .entries
-                .into_iter()
-                .map(|pending| pending.bytes)
-                .collect(),
-            hashes: batch.hashes.pending,
-            event_ids: batch.event_ids.into_iter().collect(),
-            keys: batch.keys.into_iter().collect(),
-            checkpoint: checkpoint.clone(),
-        };
+        let commit = batch.into_commit(checkpoint.clone());
         self.store.commit(&commit)?;
         let head = Head {
             tree_size,
@@ -357,6 +347,66 @@ impl Ledger {
         self.size_tx.send_replace(tree_size);
         Ok(head)
     }
+}
+
+/// Entries replayed per commit while rebuilding.
+const REBUILD_CHUNK: usize = 4096;
+
+/// Rebuilds everything derived (hashes, indexes, state, checkpoint) from the stored entries,
+/// judging each entry again; any difference from the recorded verdict, a broken hash chain or
+/// an entry that would now be refused means the entries were altered, and the rebuild stops.
+fn rebuild(store: &Store, signer: &CheckpointSigner) -> Result<(), LedgerError> {
+    let total = store.entry_count()?;
+    tracing::warn!(
+        entries = total,
+        "derived data missing: rebuilding from the entries"
+    );
+    let genesis = read_genesis(store)?;
+    let ledger_public_key: [u8; 32] = genesis
+        .ledger_public_key
+        .as_slice()
+        .try_into()
+        .map_err(|_| LedgerError::Mismatch("the genesis names a malformed ledger key".into()))?;
+    let mut next = 0u64;
+    while next < total {
+        let end = total.min(next + REBUILD_CHUNK as u64);
+        let mut batch = Batch::new(store, next)?;
+        for item in store.entries(next, end) {
+            let (seq, bytes) = item?;
+            let corrupt = |what: String| {
+                LedgerError::Store(StoreError::Corrupt(format!("entry {seq}: {what}")))
+            };
+            let entry = decode_entry(seq, &bytes)?;
+            if entry.seq != seq || entry.prev_hash != batch.prev_leaf {
+                return Err(corrupt(
+                    "sequence number or prev_hash does not follow the log".into(),
+                ));
+            }
+            let signed = entry.event.clone().unwrap_or_default();
+            let event = Event::decode(signed.payload.as_slice())
+                .map_err(|e| corrupt(format!("payload does not decode: {e}")))?;
+            let judged = if seq == 0 {
+                trust::judge_genesis(&signed, &event, &ledger_public_key)
+            } else {
+                trust::rejudge(&signed, &event, seq, &batch).map_err(view_error)?
+            };
+            let evaluation =
+                judged.map_err(|refusal| corrupt(format!("would be refused: {refusal}")))?;
+            if Some(&evaluation.verdict) != entry.verdict.as_ref() {
+                return Err(corrupt(
+                    "the recorded verdict differs from the rules' verdict".into(),
+                ));
+            }
+            batch.push_bytes(signed, bytes, &event, evaluation)?;
+        }
+        let tree_size = batch.next_seq();
+        let root = merkle::root(tree_size, &batch.hashes)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        store.commit(&batch.into_commit(signer.sign(tree_size, &root)))?;
+        next = end;
+    }
+    tracing::info!(entries = total, "rebuild complete");
+    Ok(())
 }
 
 fn receipt(
@@ -411,8 +461,7 @@ enum Checked {
     },
     Accepted {
         event: Box<Event>,
-        verdict: Verdict,
-        delta: trust::StateDelta,
+        evaluation: Evaluation,
     },
 }
 
@@ -435,6 +484,36 @@ struct PendingEntry {
     bytes: Vec<u8>,
 }
 
+/// The index tag of a field (layout in `store::keys`).
+fn field_tag(field: IndexField) -> u8 {
+    match field {
+        IndexField::User => store_keys::FIELD_USER,
+        IndexField::Agent => store_keys::FIELD_AGENT,
+        IndexField::Token => store_keys::FIELD_TOKEN,
+        IndexField::Consent => store_keys::FIELD_CONSENT,
+        IndexField::ResourceServer => store_keys::FIELD_RESOURCE_SERVER,
+    }
+}
+
+/// Every index key of entry `seq`: its terms, its kind and its verdict status.
+pub(crate) fn index_keys(seq: u64, event: &Event, evaluation: &Evaluation) -> Vec<Vec<u8>> {
+    let kind = trust::event_kind(event.body.as_ref()) as i32;
+    let mut keys = vec![
+        store_keys::index(store_keys::FIELD_KIND, &kind.to_string(), seq),
+        store_keys::index(
+            store_keys::FIELD_STATUS,
+            &evaluation.verdict.status.to_string(),
+            seq,
+        ),
+    ];
+    for (field, value) in &evaluation.index {
+        keys.push(store_keys::index(field_tag(*field), value, seq));
+    }
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
 /// The batch being assembled: committed state plus what the batch has added so far.
 struct Batch<'a> {
     store: &'a Store,
@@ -444,34 +523,43 @@ struct Batch<'a> {
     hashes: PendingHashes<'a>,
     event_ids: HashMap<String, u64>,
     keys: HashMap<String, KeyRecord>,
+    consents: HashMap<String, ConsentRecord>,
+    tokens: HashMap<String, TokenRecord>,
+    index: Vec<Vec<u8>>,
 }
 
 impl<'a> Batch<'a> {
-    fn new(ledger: &'a Ledger) -> Result<Self, StoreError> {
-        let first_seq = ledger.head().tree_size;
+    /// A batch whose first entry will be `first_seq` (the committed tree size).
+    fn new(store: &'a Store, first_seq: u64) -> Result<Self, StoreError> {
         let prev_leaf = match first_seq.checked_sub(1) {
             None => [0; 32],
             Some(last) => {
                 use merkle::HashReader as _;
-                ledger
-                    .store
+                store
                     .read_hashes(&[merkle::leaf_stored_index(last)])
-                    .map_err(|e| StoreError::Corrupt(format!("leaf hash of entry {last}: {e}")))?[0]
-                    .0
+                    .map_err(|e| StoreError::Corrupt(format!("leaf hash of entry {last}: {e}")))?
+                    .first()
+                    .map(|hash| hash.0)
+                    .ok_or_else(|| {
+                        StoreError::Corrupt(format!("leaf hash of entry {last} is missing"))
+                    })?
             }
         };
         Ok(Self {
-            store: &ledger.store,
+            store,
             first_seq,
             prev_leaf,
             entries: Vec::new(),
             hashes: PendingHashes {
-                store: &ledger.store,
+                store,
                 start: merkle::stored_hash_count(first_seq),
                 pending: Vec::new(),
             },
             event_ids: HashMap::new(),
             keys: HashMap::new(),
+            consents: HashMap::new(),
+            tokens: HashMap::new(),
+            index: Vec::new(),
         })
     }
 
@@ -504,48 +592,99 @@ impl<'a> Batch<'a> {
         Ok(decode_entry(seq, &bytes)?.event.unwrap_or_default())
     }
 
-    /// Sequences an accepted event: builds its entry, its stored hashes and its state changes.
+    /// Sequences an accepted event: builds and encodes its entry, then files it.
     fn push(
         &mut self,
         signed: SignedEvent,
         event: &Event,
-        verdict: Verdict,
-        delta: trust::StateDelta,
+        evaluation: Evaluation,
         received_at_ms: i64,
     ) -> Result<(u64, Hash), StoreError> {
-        let seq = self.next_seq();
         let entry = Entry {
-            seq,
+            seq: self.next_seq(),
             prev_hash: self.prev_leaf.to_vec(),
             received_at_ms,
             event: Some(signed.clone()),
-            verdict: Some(verdict),
+            verdict: Some(evaluation.verdict.clone()),
         };
-        let bytes = entry.encode_to_vec();
+        self.push_bytes(signed, entry.encode_to_vec(), event, evaluation)
+    }
+
+    /// Files an entry's stored bytes: stored hashes, event id, index keys, state changes.
+    fn push_bytes(
+        &mut self,
+        signed: SignedEvent,
+        bytes: Vec<u8>,
+        event: &Event,
+        evaluation: Evaluation,
+    ) -> Result<(u64, Hash), StoreError> {
+        let seq = self.next_seq();
         let leaf = merkle::leaf_hash(&bytes);
         let new_hashes = merkle::hashes_to_store(seq, leaf, &self.hashes)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.hashes.pending.extend(new_hashes);
         self.prev_leaf = leaf.0;
         self.event_ids.insert(event.event_id.clone(), seq);
-        for change in delta {
+        self.index.extend(index_keys(seq, event, &evaluation));
+        for change in evaluation.delta {
             match change {
                 StateChange::PutKey { key_id, record } => {
                     self.keys.insert(key_id, record);
+                }
+                StateChange::PutConsent { consent_id, record } => {
+                    self.consents.insert(consent_id, record);
+                }
+                StateChange::PutToken { token_id, record } => {
+                    self.tokens.insert(token_id, record);
                 }
             }
         }
         self.entries.push(PendingEntry { signed, bytes });
         Ok((seq, leaf))
     }
+
+    /// The durable form of the batch, with its checkpoint.
+    fn into_commit(self, checkpoint: String) -> Commit {
+        Commit {
+            first_seq: self.first_seq,
+            entries: self
+                .entries
+                .into_iter()
+                .map(|pending| pending.bytes)
+                .collect(),
+            hashes: self.hashes.pending,
+            event_ids: self.event_ids.into_iter().collect(),
+            keys: self.keys.into_iter().collect(),
+            consents: self.consents.into_iter().collect(),
+            tokens: self.tokens.into_iter().collect(),
+            index: self.index,
+            checkpoint,
+        }
+    }
+}
+
+fn view_result<T>(result: Result<Option<T>, StoreError>) -> Result<Option<T>, ViewError> {
+    result.map_err(|e| ViewError(e.to_string()))
 }
 
 impl TrustView for Batch<'_> {
     fn key(&self, key_id: &str) -> Result<Option<KeyRecord>, ViewError> {
-        if let Some(record) = self.keys.get(key_id) {
-            return Ok(Some(record.clone()));
+        match self.keys.get(key_id) {
+            Some(record) => Ok(Some(record.clone())),
+            None => view_result(self.store.key(key_id)),
         }
-        self.store.key(key_id).map_err(|e| ViewError(e.to_string()))
+    }
+    fn consent(&self, consent_id: &str) -> Result<Option<ConsentRecord>, ViewError> {
+        match self.consents.get(consent_id) {
+            Some(record) => Ok(Some(record.clone())),
+            None => view_result(self.store.consent(consent_id)),
+        }
+    }
+    fn token(&self, token_id: &str) -> Result<Option<TokenRecord>, ViewError> {
+        match self.tokens.get(token_id) {
+            Some(record) => Ok(Some(record.clone())),
+            None => view_result(self.store.token(token_id)),
+        }
     }
 }
 

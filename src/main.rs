@@ -54,6 +54,8 @@ enum Command {
     },
     /// Prints a new Ed25519 key pair as JSON (secret_key hex seed, public_key hex, key_id).
     Keygen,
+    /// Prints the table of verdict reason codes (Markdown, as in docs/REASONS.md).
+    Reasons,
     /// Prints the ledger's newest signed checkpoint note.
     Checkpoint {
         /// The ledger's gRPC address.
@@ -151,6 +153,7 @@ async fn run(cli: Cli) -> anyhow::Result<Result<(), Refused>> {
             let pair = KeyPairJson::from_signing_key(&server::generate_key());
             println!("{}", serde_json::to_string_pretty(&pair)?);
         }
+        Command::Reasons => print!("{}", custody::trust::reasons::markdown_table()),
         Command::Checkpoint { server } => {
             let mut client = AuditClient::connect(server.clone())
                 .await

@@ -183,7 +183,7 @@ pub fn open_ledger(config: &Config) -> Result<(Arc<Ledger>, Startup), ServerErro
     let store = Store::open(&dir.join("db")).map_err(LedgerError::from)?;
     let key_path = dir.join("ledger.key");
     let mut startup = Startup::default();
-    let ledger = if store.head().map_err(LedgerError::from)?.is_some() {
+    let ledger = if store.has_entries().map_err(LedgerError::from)? {
         let ledger = Ledger::open(store, read_ledger_key(&key_path)?)?;
         if let Some(origin) = &config.origin {
             if origin != ledger.origin() {

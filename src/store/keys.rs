@@ -11,15 +11,57 @@
 //! | `h` | page | up to 256 stored hashes (32 bytes each), indexes `page*256 ..` |
 //! | `i` | event_id | seq of the entry that carries it |
 //! | `k` | key_id | `KeyRecord` (protobuf) |
+//! | `c` | consent_id | `ConsentRecord` (protobuf) |
+//! | `t` | token_id | `TokenRecord` (protobuf) |
+//! | `x` | field tag, value, `0x00`, seq | empty: the secondary index for `Audit.Query` |
 //! | `m` | name | ledger metadata: `checkpoint` (newest signed note), `size` (its tree size) |
 //!
-//! Only `e` is primary; `h`, `i`, `k` and `m` are derived from the entries.
+//! Only `e` is primary; everything else is derived from the entries and can be rebuilt.
+//! Index values never contain `0x00` (identifiers refuse control characters), so
+//! `tag value 0x00` is a prefix that matches exactly one value. Index field tags: `u` user,
+//! `a` agent, `t` token, `c` consent, `r` resource server, `k` kind (enum number in decimal),
+//! `s` verdict status (enum number in decimal).
 
 pub const ENTRY: u8 = b'e';
 pub const HASH_PAGE: u8 = b'h';
 pub const EVENT_ID: u8 = b'i';
 pub const KEY: u8 = b'k';
 pub const META: u8 = b'm';
+pub const CONSENT: u8 = b'c';
+pub const TOKEN: u8 = b't';
+pub const INDEX: u8 = b'x';
+
+/// Index field tags.
+pub const FIELD_USER: u8 = b'u';
+pub const FIELD_AGENT: u8 = b'a';
+pub const FIELD_TOKEN: u8 = b't';
+pub const FIELD_CONSENT: u8 = b'c';
+pub const FIELD_RESOURCE_SERVER: u8 = b'r';
+pub const FIELD_KIND: u8 = b'k';
+pub const FIELD_STATUS: u8 = b's';
+
+/// The prefix of every index key for `value` of field `tag`: `x tag value 0x00`.
+pub fn index_prefix(tag: u8, value: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(3 + value.len() + 8);
+    key.push(INDEX);
+    key.push(tag);
+    key.extend_from_slice(value.as_bytes());
+    key.push(0);
+    key
+}
+
+/// The index key filing entry `seq` under `value` of field `tag`.
+pub fn index(tag: u8, value: &str, seq: u64) -> Vec<u8> {
+    let mut key = index_prefix(tag, value);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// The seq at the end of an index key.
+pub fn index_seq(key: &[u8]) -> Option<u64> {
+    let tail = key.len().checked_sub(8)?;
+    decode_u64(&key[tail..])
+}
 
 /// Metadata name of the newest signed checkpoint note.
 pub const META_CHECKPOINT: &[u8] = b"checkpoint";
@@ -75,5 +117,17 @@ mod tests {
         assert_eq!(numbers, vec![0, 2, 256, 300, 1 << 40]);
         assert_eq!(number_of(HASH_PAGE, &entry(3)), None);
         assert_eq!(number_of(ENTRY, b"e12"), None);
+    }
+
+    #[test]
+    fn index_keys_of_one_value_sort_by_seq_and_exclude_longer_values() {
+        let a = index(FIELD_USER, "al", 300);
+        let b = index(FIELD_USER, "al", 5);
+        let other = index(FIELD_USER, "alice", 1);
+        let prefix = index_prefix(FIELD_USER, "al");
+        assert!(b < a);
+        assert!(a.starts_with(&prefix) && b.starts_with(&prefix));
+        assert!(!other.starts_with(&prefix), "'al' must not match 'alice'");
+        assert_eq!(index_seq(&a), Some(300));
     }
 }

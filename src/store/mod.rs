@@ -14,7 +14,7 @@ pub(crate) mod keys;
 use std::path::Path;
 
 use crate::merkle::{self, Hash, HashReader, HASHES_PER_PAGE, HASH_SIZE};
-use crate::trust::KeyRecord;
+use crate::trust::{ConsentRecord, KeyRecord, TokenRecord};
 
 /// A storage failure. Reaches gRPC clients only as a generic `INTERNAL`; the detail is logged.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +56,12 @@ pub struct Commit {
     pub event_ids: Vec<(String, u64)>,
     /// Key registry records that are new or changed.
     pub keys: Vec<(String, KeyRecord)>,
+    /// Consent records that are new or changed.
+    pub consents: Vec<(String, ConsentRecord)>,
+    /// Token records that are new or changed.
+    pub tokens: Vec<(String, TokenRecord)>,
+    /// Index keys (see [`keys::index`]) of the new entries.
+    pub index: Vec<Vec<u8>>,
     /// The checkpoint note over the tree including these entries.
     pub checkpoint: String,
 }
@@ -171,14 +177,115 @@ impl Store {
         }
     }
 
+    fn record<M: prost::Message + Default>(
+        &self,
+        prefix: u8,
+        id: &str,
+    ) -> Result<Option<M>, StoreError> {
+        match self.tree.get(keys::named(prefix, id.as_bytes()))? {
+            None => Ok(None),
+            Some(value) => M::decode(value.as_ref()).map(Some).map_err(|e| {
+                StoreError::Corrupt(format!("state record {}{id}: {e}", prefix as char))
+            }),
+        }
+    }
+
     /// The registered key with this id.
     pub fn key(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
-        match self.tree.get(keys::named(keys::KEY, key_id.as_bytes()))? {
-            None => Ok(None),
-            Some(value) => prost::Message::decode(value.as_ref())
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt(format!("key record {key_id}: {e}"))),
+        self.record(keys::KEY, key_id)
+    }
+
+    /// The consent with this id.
+    pub fn consent(&self, consent_id: &str) -> Result<Option<ConsentRecord>, StoreError> {
+        self.record(keys::CONSENT, consent_id)
+    }
+
+    /// The token with this id.
+    pub fn token(&self, token_id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.record(keys::TOKEN, token_id)
+    }
+
+    /// Seqs filed under `prefix` (from [`keys::index_prefix`]) within `(after, before)`
+    /// (both exclusive), newest first when `descending`.
+    pub fn index_seqs(
+        &self,
+        prefix: &[u8],
+        after: Option<u64>,
+        before: Option<u64>,
+        descending: bool,
+    ) -> Box<dyn Iterator<Item = Result<u64, StoreError>> + Send> {
+        let key_at = |seq: u64| {
+            let mut key = prefix.to_vec();
+            key.extend_from_slice(&seq.to_be_bytes());
+            key
+        };
+        let low = match after {
+            Some(seq) if seq == u64::MAX => return Box::new(std::iter::empty()),
+            Some(seq) => key_at(seq + 1),
+            None => key_at(0),
+        };
+        let high = match before {
+            Some(0) => return Box::new(std::iter::empty()),
+            Some(seq) => key_at(seq - 1),
+            None => key_at(u64::MAX),
+        };
+        if low > high {
+            return Box::new(std::iter::empty());
         }
+        let range = self.tree.range(low..=high);
+        let decode = |item: sled::Result<(sled::IVec, sled::IVec)>| -> Result<u64, StoreError> {
+            let (key, _) = item?;
+            keys::index_seq(&key).ok_or_else(|| StoreError::Corrupt("malformed index key".into()))
+        };
+        if descending {
+            Box::new(range.rev().map(decode))
+        } else {
+            Box::new(range.map(decode))
+        }
+    }
+
+    /// Whether the index key exists.
+    pub fn has_index(&self, key: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.tree.contains_key(key)?)
+    }
+
+    /// Whether any entry is stored (even if the derived data is gone).
+    pub fn has_entries(&self) -> Result<bool, StoreError> {
+        Ok(self.tree.get(keys::entry(0))?.is_some())
+    }
+
+    /// Number of stored entries, checking they are contiguous from 0.
+    pub fn entry_count(&self) -> Result<u64, StoreError> {
+        let last = self
+            .tree
+            .range(keys::entry(0)..=keys::entry(u64::MAX))
+            .next_back()
+            .transpose()?;
+        let Some((key, _)) = last else { return Ok(0) };
+        let last = keys::number_of(keys::ENTRY, &key)
+            .ok_or_else(|| StoreError::Corrupt("malformed entry key".into()))?;
+        let count = self.tree.range(keys::entry(0)..=keys::entry(last)).count() as u64;
+        if count != last + 1 {
+            return Err(StoreError::Corrupt(format!(
+                "entries are not contiguous: {count} entries up to seq {last}"
+            )));
+        }
+        Ok(count)
+    }
+
+    /// Deletes everything derived from the entries (hash pages, indexes, state, checkpoint),
+    /// keeping only the entries, and flushes. The ledger rebuilds the rest on open.
+    pub fn drop_derived(&self) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for item in self.tree.iter().keys() {
+            let key = item?;
+            if key.first() != Some(&keys::ENTRY) {
+                batch.remove(key);
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
     }
 
     fn hash_page(&self, page: u64) -> Result<Vec<u8>, StoreError> {
@@ -249,6 +356,21 @@ impl Store {
                 keys::named(keys::KEY, key_id.as_bytes()),
                 prost::Message::encode_to_vec(record),
             );
+        }
+        for (consent_id, record) in &commit.consents {
+            batch.insert(
+                keys::named(keys::CONSENT, consent_id.as_bytes()),
+                prost::Message::encode_to_vec(record),
+            );
+        }
+        for (token_id, record) in &commit.tokens {
+            batch.insert(
+                keys::named(keys::TOKEN, token_id.as_bytes()),
+                prost::Message::encode_to_vec(record),
+            );
+        }
+        for key in &commit.index {
+            batch.insert(key.as_slice(), &[]);
         }
         batch.insert(
             keys::named(keys::META, keys::META_SIZE),

@@ -29,6 +29,9 @@ pub struct KeyRecord {
     /// The entry that registered the key (its KeyGrant, or 0 for the genesis admin key).
     #[prost(uint64, tag = "7")]
     pub grant_seq: u64,
+    /// The first KeyRevocation entry that named the key, if any.
+    #[prost(uint64, optional, tag = "8")]
+    pub revocation_seq: Option<u64>,
 }
 
 /// The principal name of the first admin key, the one the genesis names.
@@ -45,6 +48,7 @@ impl KeyRecord {
             not_after_ms: grant.not_after_ms,
             revoked_at_ms: None,
             grant_seq: seq,
+            revocation_seq: None,
         }
     }
 
@@ -58,6 +62,7 @@ impl KeyRecord {
             not_after_ms: 0,
             revoked_at_ms: None,
             grant_seq: seq,
+            revocation_seq: None,
         }
     }
 
@@ -153,8 +158,7 @@ pub fn authorize(event: &Event, signer: &KeyRecord) -> Result<(), Refusal> {
             principal_must_be(signer, "resource_server", &denial.resource_server)
         }
         (Body::Revocation(_), Role::Admin | Role::Issuer) => Ok(()),
-        // A user may withdraw consents only. That the consent is the user's own needs the
-        // consent state, which the chain-of-trust rules (issue #3) bring.
+        // A user may withdraw consents only; `evaluate` checks the consent is the user's own.
         (Body::Revocation(revocation), Role::User) => match revocation.target {
             Some(Target::ConsentId(_)) => Ok(()),
             _ => Err(denied()),

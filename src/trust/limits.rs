@@ -139,6 +139,11 @@ pub fn validate_event(event: &Event, payload_len: usize) -> Result<(), Refusal> 
             ids("allowed_delegates", &consent.allowed_delegates)?;
             check_len("purpose", &consent.purpose, MAX_TEXT_LEN)?;
             hash("consent_text_sha256", &consent.consent_text_sha256, false)?;
+            if consent.expires_at_ms < 0 {
+                return Err(malformed(
+                    "expires_at_ms must be 0 (no end) or a Unix time in ms".into(),
+                ));
+            }
         }
         Body::Issuance(issuance) => {
             required_id("token_id", &issuance.token_id)?;
@@ -150,6 +155,11 @@ pub fn validate_event(event: &Event, payload_len: usize) -> Result<(), Refusal> 
             ids("scopes", &issuance.scopes)?;
             ids("audiences", &issuance.audiences)?;
             optional_id("grant_type", &issuance.grant_type)?;
+            if issuance.expires_at_ms <= 0 || issuance.expires_at_ms <= issuance.not_before_ms {
+                return Err(malformed(
+                    "a token needs expires_at_ms > 0 and after not_before_ms".into(),
+                ));
+            }
         }
         Body::Validation(validation) => {
             required_id("token_id", &validation.token_id)?;

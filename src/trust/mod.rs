@@ -1,26 +1,41 @@
 //! The rules: which events are well-formed, which keys may sign what, and the verdict each
-//! event gets from the state that earlier entries built.
+//! event gets from the state that earlier entries built (DESIGN.md, "Chain of trust").
 //!
 //! Evaluation is a pure function of the event and a read-only [`TrustView`] of the state before
-//! it, returning a [`Verdict`] and the [`StateDelta`] to apply. The server's view reads sled
-//! (plus the uncommitted part of the current batch); the offline verifier's view is an
-//! in-memory map it builds while replaying. Neither the rules nor their tests know where state
-//! lives.
+//! it, returning an [`Evaluation`]: the verdict, the [`StateChange`]s to apply and the index
+//! terms to file the entry under. The server's view reads sled (plus the uncommitted part of
+//! the current batch); the offline verifier's view is a [`MemoryState`] it builds while
+//! replaying. Neither the rules nor their tests know where state lives.
+//!
+//! For one event the checks run in this order: [`validate_event`] (shape, limits),
+//! [`authenticate`] (known key, valid at the event's time, signature), [`authorize`] (role and
+//! principal), then [`evaluate`] (state conflicts refuse; chain-of-trust rules give the
+//! verdict). The server adds its own checks between them (exact retries, event-id reuse,
+//! clock skew); the verifier replays the same functions over stored entries.
 //!
 //! Pure: no I/O, no async.
 
+mod chain;
 mod keys;
 mod limits;
+mod memory;
+pub mod reasons;
+mod records;
+pub mod scopes;
 
-pub use keys::{authorize, key_valid_at, KeyRecord};
-pub use limits::{validate_event, MAX_EVENT_ID_LEN, MAX_PAYLOAD_LEN, MAX_REPEATED, MAX_TEXT_LEN};
+pub use keys::{authorize, key_valid_at, KeyRecord, GENESIS_ADMIN_PRINCIPAL};
+pub use limits::{
+    validate_event, MAX_EVENT_ID_LEN, MAX_ID_LEN, MAX_PAYLOAD_LEN, MAX_REPEATED, MAX_TEXT_LEN,
+};
+pub use memory::MemoryState;
+pub use records::{ConsentRecord, TokenRecord};
 
-use crate::proto::{event::Body, Event, Role, TraceStatus, Verdict};
+use crate::envelope;
+use crate::proto::{event::Body, Event, EventKind, SignedEvent, TraceStatus, Verdict};
 
-/// Version of the chain-of-trust rules that produce verdicts. `0` marks verdicts that do not
-/// evaluate a chain (issue #3 brings rules version 1 as written in DESIGN.md); an offline
-/// verifier must know every version it meets.
-pub const RULES_VERSION: u32 = 0;
+/// Version of the chain-of-trust rules that produce verdicts: 1 = the rules in DESIGN.md as
+/// first written. An offline verifier must know every version it meets.
+pub const RULES_VERSION: u32 = 1;
 
 /// Why an event was refused outright: nothing is written and the caller gets an error.
 /// Each variant maps to one gRPC code in `service::status`.
@@ -66,7 +81,8 @@ pub enum Refusal {
     /// The event id is already on the ledger with other bytes.
     #[error("event_id {event_id:?} already used by entry {seq} with other bytes")]
     EventIdReused { event_id: String, seq: u64 },
-    /// The event conflicts with the ledger's state (e.g. a key granted twice).
+    /// The event conflicts with the ledger's state (a key, consent or token id used twice,
+    /// revoking something the ledger does not know).
     #[error("{0}")]
     Conflict(String),
 }
@@ -97,18 +113,61 @@ pub struct ViewError(pub String);
 pub trait TrustView {
     /// The registered key with this id, if any.
     fn key(&self, key_id: &str) -> Result<Option<KeyRecord>, ViewError>;
+    /// The consent with this id, if any.
+    fn consent(&self, consent_id: &str) -> Result<Option<ConsentRecord>, ViewError>;
+    /// The token with this id, if its issuance is on the ledger.
+    fn token(&self, token_id: &str) -> Result<Option<TokenRecord>, ViewError>;
 }
 
 /// A change to the trust state that an accepted event makes.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum StateChange {
-    /// Registers a key.
+    /// Registers or updates a key.
     PutKey { key_id: String, record: KeyRecord },
+    /// Records or updates a consent.
+    PutConsent {
+        consent_id: String,
+        record: ConsentRecord,
+    },
+    /// Records or updates a token.
+    PutToken {
+        token_id: String,
+        record: TokenRecord,
+    },
 }
 
 /// Everything an accepted event changes.
 pub type StateDelta = Vec<StateChange>;
+
+/// A field an entry can be found by in `Audit.Query`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IndexField {
+    /// The user the event concerns (for token events, the token's user).
+    User,
+    /// The agent the event concerns (for token events, the token's holder).
+    Agent,
+    /// The token the event names.
+    Token,
+    /// The consent the event rests on.
+    Consent,
+    /// The resource server the event names.
+    ResourceServer,
+}
+
+/// One `(field, value)` an entry is filed under.
+pub type IndexTerm = (IndexField, String);
+
+/// What evaluating an accepted event yields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation {
+    /// The verdict recorded in the entry.
+    pub verdict: Verdict,
+    /// The state changes the event makes.
+    pub delta: StateDelta,
+    /// The index terms the entry is filed under (besides its kind and verdict status).
+    pub index: Vec<IndexTerm>,
+}
 
 /// A short name of an event body's kind, for messages.
 pub fn kind_name(body: &Body) -> &'static str {
@@ -125,78 +184,175 @@ pub fn kind_name(body: &Body) -> &'static str {
     }
 }
 
-fn verdict(status: TraceStatus) -> Verdict {
+/// The contract's kind of an event body.
+pub fn event_kind(body: Option<&Body>) -> EventKind {
+    match body {
+        None => EventKind::Unspecified,
+        Some(Body::Genesis(_)) => EventKind::Genesis,
+        Some(Body::KeyGrant(_)) => EventKind::KeyGrant,
+        Some(Body::KeyRevocation(_)) => EventKind::KeyRevocation,
+        Some(Body::Consent(_)) => EventKind::Consent,
+        Some(Body::Issuance(_)) => EventKind::Issuance,
+        Some(Body::Validation(_)) => EventKind::Validation,
+        Some(Body::Action(_)) => EventKind::Action,
+        Some(Body::Denial(_)) => EventKind::Denial,
+        Some(Body::Revocation(_)) => EventKind::Revocation,
+    }
+}
+
+/// A verdict with no chain: keys, genesis, consents, revocations, denials.
+pub(crate) fn not_applicable() -> Verdict {
     Verdict {
-        status: status as i32,
+        status: TraceStatus::NotApplicable as i32,
         rules_version: RULES_VERSION,
         ..Verdict::default()
     }
 }
 
-/// Evaluates an authorized event (its key valid, signature checked, [`authorize`] passed)
-/// against the state before it. Returns the verdict to record and the state changes, or a
-/// refusal when the event contradicts the state (e.g. granting a key twice).
+/// Finds the signer's key, checks it is valid at the event's time and verifies the signature
+/// (strict Ed25519 over the DSSE PAE of the payload).
+pub fn authenticate(
+    signed: &SignedEvent,
+    event: &Event,
+    view: &impl TrustView,
+) -> Result<Result<KeyRecord, Refusal>, ViewError> {
+    let Some(signer) = view.key(&signed.key_id)? else {
+        return Ok(Err(Refusal::UnknownKey(signed.key_id.clone())));
+    };
+    if let Err(refusal) = key_valid_at(&signed.key_id, &signer, event.occurred_at_ms) {
+        return Ok(Err(refusal));
+    }
+    let verified = envelope::parse_public_key(&signer.public_key)
+        .and_then(|key| envelope::verify_payload(&key, &signed.payload, &signed.signature));
+    Ok(match verified {
+        Ok(()) => Ok(signer),
+        Err(e) => Err(Refusal::BadSignature(e.to_string())),
+    })
+}
+
+/// Judges a stored event again as the ledger judged it when appending it at `seq`: shape,
+/// authentication, authorization and the rules; everything but what depends on the moment
+/// of arrival (clock skew, retries). The server's rebuild and the offline verifier use it.
+pub fn rejudge(
+    signed: &SignedEvent,
+    event: &Event,
+    seq: u64,
+    view: &impl TrustView,
+) -> Result<Result<Evaluation, Refusal>, ViewError> {
+    if let Err(refusal) = validate_event(event, signed.payload.len()) {
+        return Ok(Err(refusal));
+    }
+    let signer = match authenticate(signed, event, view)? {
+        Ok(signer) => signer,
+        Err(refusal) => return Ok(Err(refusal)),
+    };
+    if let Err(refusal) = authorize(event, &signer) {
+        return Ok(Err(refusal));
+    }
+    evaluate(event, &signer, seq, view)
+}
+
+/// Judges entry 0: a genesis naming `ledger_public_key` and signed by it.
+pub fn judge_genesis(
+    signed: &SignedEvent,
+    event: &Event,
+    ledger_public_key: &[u8; 32],
+) -> Result<Evaluation, Refusal> {
+    validate_event(event, signed.payload.len())?;
+    let Some(Body::Genesis(genesis)) = &event.body else {
+        return Err(Refusal::Malformed("entry 0 is not a genesis".into()));
+    };
+    if genesis.ledger_public_key != ledger_public_key {
+        return Err(Refusal::Malformed(
+            "the genesis names another ledger key".into(),
+        ));
+    }
+    if signed.key_id != envelope::key_id(ledger_public_key) {
+        return Err(Refusal::UnknownKey(signed.key_id.clone()));
+    }
+    let key = envelope::parse_public_key(ledger_public_key)
+        .map_err(|e| Refusal::BadSignature(e.to_string()))?;
+    envelope::verify_payload(&key, &signed.payload, &signed.signature)
+        .map_err(|e| Refusal::BadSignature(e.to_string()))?;
+    let record = KeyRecord::admin_from_genesis(genesis, 0);
+    Ok(plain(
+        vec![StateChange::PutKey {
+            key_id: record.key_id(),
+            record,
+        }],
+        vec![],
+    ))
+}
+
+/// Evaluates an authorized event (key valid, signature checked, [`authorize`] passed) at
+/// entry `seq` against the state before it. Returns the evaluation, or a refusal when the
+/// event contradicts the state (an id used twice, an unknown revocation target, a user
+/// revoking another user's consent).
 pub fn evaluate(
     event: &Event,
     signer: &KeyRecord,
     seq: u64,
     view: &impl TrustView,
-) -> Result<Result<(Verdict, StateDelta), Refusal>, ViewError> {
+) -> Result<Result<Evaluation, Refusal>, ViewError> {
     let Some(body) = &event.body else {
         return Ok(Err(Refusal::Malformed("event has no body".into())));
     };
-    let outcome = match body {
+    let at = event.occurred_at_ms;
+    match body {
         Body::Genesis(genesis) => {
             let record = KeyRecord::admin_from_genesis(genesis, seq);
-            let key_id = record.key_id();
-            Ok((
-                verdict(TraceStatus::NotApplicable),
-                vec![StateChange::PutKey { key_id, record }],
-            ))
+            Ok(Ok(plain(
+                vec![StateChange::PutKey {
+                    key_id: record.key_id(),
+                    record,
+                }],
+                vec![],
+            )))
         }
         Body::KeyGrant(grant) => {
             let record = KeyRecord::from_grant(grant, seq);
             let key_id = record.key_id();
             if view.key(&key_id)?.is_some() {
-                Err(Refusal::Conflict(format!(
+                return Ok(Err(Refusal::Conflict(format!(
                     "key {key_id} is already registered"
-                )))
-            } else {
-                Ok((
-                    verdict(TraceStatus::NotApplicable),
-                    vec![StateChange::PutKey { key_id, record }],
-                ))
+                ))));
             }
+            Ok(Ok(plain(
+                vec![StateChange::PutKey { key_id, record }],
+                vec![],
+            )))
         }
-        Body::KeyRevocation(revocation) => match view.key(&revocation.key_id)? {
-            None => Err(Refusal::Conflict(format!(
-                "key {} to revoke is not registered",
-                revocation.key_id
-            ))),
-            Some(mut record) => {
-                let at = event.occurred_at_ms;
-                record.revoked_at_ms = Some(record.revoked_at_ms.map_or(at, |old| old.min(at)));
-                Ok((
-                    verdict(TraceStatus::NotApplicable),
-                    vec![StateChange::PutKey {
-                        key_id: revocation.key_id.clone(),
-                        record,
-                    }],
-                ))
-            }
-        },
-        Body::Consent(_) => {
-            let mut v = verdict(TraceStatus::NotApplicable);
-            v.consent_user_signed = signer.role() == Role::User;
-            Ok((v, vec![]))
+        Body::KeyRevocation(revocation) => {
+            let Some(mut record) = view.key(&revocation.key_id)? else {
+                return Ok(Err(Refusal::Conflict(format!(
+                    "key {} to revoke is not registered",
+                    revocation.key_id
+                ))));
+            };
+            record.revoked_at_ms = Some(record.revoked_at_ms.map_or(at, |old| old.min(at)));
+            record.revocation_seq.get_or_insert(seq);
+            let key_id = revocation.key_id.clone();
+            Ok(Ok(plain(
+                vec![StateChange::PutKey { key_id, record }],
+                vec![],
+            )))
         }
-        Body::Denial(_) | Body::Revocation(_) => Ok((verdict(TraceStatus::NotApplicable), vec![])),
-        // Chains of trust are evaluated from rules version 1 on (issue #3).
-        Body::Issuance(_) | Body::Validation(_) | Body::Action(_) => {
-            Ok((verdict(TraceStatus::Unspecified), vec![]))
-        }
-    };
-    Ok(outcome)
+        Body::Consent(consent) => chain::consent(consent, signer, seq, view),
+        Body::Issuance(issuance) => chain::issuance(issuance, at, seq, view),
+        Body::Validation(validation) => chain::validation(validation, at, view),
+        Body::Action(action) => chain::action(action, at, view),
+        Body::Denial(denial) => chain::denial(denial, view),
+        Body::Revocation(revocation) => chain::revocation(revocation, signer, at, seq, view),
+    }
+}
+
+/// An evaluation with a NOT_APPLICABLE verdict.
+fn plain(delta: StateDelta, index: Vec<IndexTerm>) -> Evaluation {
+    Evaluation {
+        verdict: not_applicable(),
+        delta,
+        index,
+    }
 }
 
 #[cfg(test)]
