@@ -120,6 +120,7 @@ impl CheckpointSigner {
 pub struct LedgerVerifier {
     inner: StandardVerifier,
     key_string: String,
+    public_key: [u8; 32],
 }
 
 impl std::fmt::Debug for LedgerVerifier {
@@ -134,9 +135,21 @@ impl LedgerVerifier {
         let key_string = key_string.trim();
         let inner = StandardVerifier::new(key_string)
             .map_err(|e| CheckpointError::MalformedVerifierKey(e.to_string()))?;
+        // StandardVerifier accepted `<name>+<hash>+<base64(0x01 || key)>`; keep the raw key.
+        use base64::Engine as _;
+        let encoded = key_string.rsplit('+').next().unwrap_or_default();
+        let public_key = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .ok()
+            .and_then(|bytes| match bytes.as_slice() {
+                [ALG_ED25519, key @ ..] => <[u8; 32]>::try_from(key).ok(),
+                _ => None,
+            })
+            .ok_or_else(|| CheckpointError::MalformedVerifierKey("not an Ed25519 key".into()))?;
         Ok(Self {
             inner,
             key_string: key_string.to_owned(),
+            public_key,
         })
     }
 
@@ -148,6 +161,11 @@ impl LedgerVerifier {
     /// The verifier key string.
     pub fn key_string(&self) -> &str {
         &self.key_string
+    }
+
+    /// The ledger's Ed25519 public key (which also signs the genesis).
+    pub fn public_key(&self) -> &[u8; 32] {
+        &self.public_key
     }
 }
 
@@ -238,6 +256,11 @@ mod tests {
         assert_eq!(checkpoint.origin(), v["origin"].as_str().unwrap());
         assert_eq!(checkpoint.tree_size(), v["tree_size"].as_u64().unwrap());
         assert_eq!(checkpoint.root().0.to_vec(), hex_field(&v, "root_hash"));
+        let seed: [u8; 32] = hex_field(&v, "seed").try_into().unwrap();
+        assert_eq!(
+            key.public_key(),
+            SigningKey::from_bytes(&seed).verifying_key().as_bytes()
+        );
     }
 
     #[test]

@@ -25,12 +25,14 @@
 
 pub mod checkpoint;
 pub mod envelope;
+pub mod inspect;
 pub mod ledger;
 pub mod merkle;
 pub mod server;
 pub mod service;
 pub mod store;
 pub mod trust;
+pub mod verify;
 
 /// Generated types of the public contract, `custody.v1`.
 pub mod proto {

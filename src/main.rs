@@ -10,12 +10,14 @@ use anyhow::{anyhow, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
 use prost::Message as _;
 
-use custody::envelope;
 use custody::proto::{
-    audit_client::AuditClient, event, ledger_client::LedgerClient, Event, GetCheckpointRequest,
-    KeyGrant, Receipt, Role, SignedEvent, TraceStatus,
+    audit_client::AuditClient, event, ledger_client::LedgerClient, Event, EventKind,
+    GetCheckpointRequest, KeyGrant, QueryRequest, Receipt, Role, SignedEvent, TraceBundle,
+    TraceRequest, TraceStatus,
 };
 use custody::server::{self, Config, KeyPairJson};
+use custody::{envelope, inspect};
+use tokio_stream::StreamExt as _;
 
 #[derive(Parser)]
 #[command(
@@ -62,6 +64,26 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         server: String,
     },
+    /// Prints the entries matching all given filters as JSON lines (newest first).
+    Query {
+        /// The ledger's gRPC address.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        server: String,
+        #[command(flatten)]
+        filters: QueryFilters,
+    },
+    /// Fetches the trace bundle of an action, denial, validation or issuance entry: prints it
+    /// as JSON, or saves it (protobuf `TraceBundle`) with --out for offline verification.
+    Trace {
+        /// The ledger's gRPC address.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        server: String,
+        /// The entry to trace.
+        seq: u64,
+        /// Save the bundle to this file instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Registers a key: sends an admin-signed KeyGrant and prints the receipt as JSON.
     GrantKey {
         /// The ledger's gRPC address.
@@ -83,6 +105,134 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         not_after_ms: i64,
     },
+}
+
+#[derive(clap::Args)]
+struct QueryFilters {
+    /// Entries on behalf of this user.
+    #[arg(long)]
+    user: Option<String>,
+    /// Entries by or for this agent.
+    #[arg(long)]
+    agent: Option<String>,
+    /// Entries naming this token.
+    #[arg(long)]
+    token: Option<String>,
+    /// Entries resting on this consent.
+    #[arg(long)]
+    consent: Option<String>,
+    /// Entries naming this resource server.
+    #[arg(long)]
+    resource_server: Option<String>,
+    /// Only these kinds (repeatable).
+    #[arg(long = "kind", value_enum)]
+    kinds: Vec<KindArg>,
+    /// Only this verdict status.
+    #[arg(long, value_enum)]
+    status: Option<StatusArg>,
+    /// occurred_at >= this (RFC 3339 or Unix ms).
+    #[arg(long, value_parser = parse_time)]
+    from: Option<i64>,
+    /// occurred_at < this (RFC 3339 or Unix ms).
+    #[arg(long, value_parser = parse_time)]
+    to: Option<i64>,
+    /// Most entries to print (the server caps it).
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    /// Oldest first.
+    #[arg(long)]
+    ascending: bool,
+    /// Resume newest-first paging below this seq.
+    #[arg(long)]
+    before_seq: Option<u64>,
+    /// Resume oldest-first paging above this seq.
+    #[arg(long)]
+    after_seq: Option<u64>,
+}
+
+fn parse_time(text: &str) -> Result<i64, String> {
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(ms);
+    }
+    let time =
+        humantime::parse_rfc3339_weak(text).map_err(|e| format!("not RFC 3339 or Unix ms: {e}"))?;
+    let ms = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| "before 1970".to_string())?
+        .as_millis();
+    i64::try_from(ms).map_err(|_| "too far in the future".to_string())
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KindArg {
+    Genesis,
+    KeyGrant,
+    KeyRevocation,
+    Consent,
+    Issuance,
+    Validation,
+    Action,
+    Denial,
+    Revocation,
+}
+
+impl From<KindArg> for EventKind {
+    fn from(kind: KindArg) -> Self {
+        match kind {
+            KindArg::Genesis => EventKind::Genesis,
+            KindArg::KeyGrant => EventKind::KeyGrant,
+            KindArg::KeyRevocation => EventKind::KeyRevocation,
+            KindArg::Consent => EventKind::Consent,
+            KindArg::Issuance => EventKind::Issuance,
+            KindArg::Validation => EventKind::Validation,
+            KindArg::Action => EventKind::Action,
+            KindArg::Denial => EventKind::Denial,
+            KindArg::Revocation => EventKind::Revocation,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StatusArg {
+    NotApplicable,
+    Traced,
+    Violation,
+}
+
+impl From<StatusArg> for TraceStatus {
+    fn from(status: StatusArg) -> Self {
+        match status {
+            StatusArg::NotApplicable => TraceStatus::NotApplicable,
+            StatusArg::Traced => TraceStatus::Traced,
+            StatusArg::Violation => TraceStatus::Violation,
+        }
+    }
+}
+
+impl QueryFilters {
+    fn request(self) -> QueryRequest {
+        QueryRequest {
+            user: self.user.unwrap_or_default(),
+            agent: self.agent.unwrap_or_default(),
+            token_id: self.token.unwrap_or_default(),
+            consent_id: self.consent.unwrap_or_default(),
+            resource_server: self.resource_server.unwrap_or_default(),
+            kinds: self
+                .kinds
+                .into_iter()
+                .map(|k| EventKind::from(k) as i32)
+                .collect(),
+            status: self
+                .status
+                .map_or(TraceStatus::Unspecified, TraceStatus::from) as i32,
+            from_ms: self.from.unwrap_or(0),
+            to_ms: self.to.unwrap_or(0),
+            limit: self.limit,
+            before_seq: self.before_seq.unwrap_or(0),
+            ascending: self.ascending,
+            after_seq: self.after_seq.unwrap_or(0),
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -164,6 +314,38 @@ async fn run(cli: Cli) -> anyhow::Result<Result<(), Refused>> {
                 .into_inner();
             print!("{}", checkpoint.note);
         }
+        Command::Query { server, filters } => {
+            let mut client = connect_audit(&server).await?;
+            let mut stream = match client.query(filters.request()).await {
+                Ok(response) => response.into_inner(),
+                Err(status) => return Ok(Err(refused(&status))),
+            };
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(stored) => println!("{}", inspect::entry_json(&stored.entry)),
+                    Err(status) => return Ok(Err(refused(&status))),
+                }
+            }
+        }
+        Command::Trace { server, seq, out } => {
+            let mut client = connect_audit(&server).await?;
+            let bundle = match client.trace(TraceRequest { seq }).await {
+                Ok(response) => response.into_inner(),
+                Err(status) => return Ok(Err(refused(&status))),
+            };
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, bundle.encode_to_vec())
+                        .with_context(|| format!("couldn't write {}", path.display()))?;
+                    eprintln!(
+                        "saved the trace bundle of entry {seq} ({} entries) to {}",
+                        bundle.entries.len(),
+                        path.display()
+                    );
+                }
+                None => println!("{}", serde_json::to_string_pretty(&bundle_json(&bundle))?),
+            }
+        }
         Command::GrantKey {
             server,
             admin_key,
@@ -216,6 +398,30 @@ async fn run(cli: Cli) -> anyhow::Result<Result<(), Refused>> {
     Ok(Ok(()))
 }
 
+fn refused(status: &tonic::Status) -> Refused {
+    Refused(format!("{:?}: {}", status.code(), status.message()))
+}
+
+async fn connect_audit(server: &str) -> anyhow::Result<AuditClient<tonic::transport::Channel>> {
+    AuditClient::connect(server.to_owned())
+        .await
+        .with_context(|| format!("couldn't connect to {server}"))
+}
+
+fn bundle_json(bundle: &TraceBundle) -> serde_json::Value {
+    serde_json::json!({
+        "seq": bundle.seq,
+        "verdict": bundle.verdict.as_ref().map(inspect::verdict_json),
+        "checkpoint": bundle.checkpoint.as_ref().map(|c| c.note.clone()),
+        "entries": bundle.entries.iter().map(|e| inspect::entry_json(&e.entry)).collect::<Vec<_>>(),
+        "proofs": bundle.proofs.iter().map(|p| serde_json::json!({
+            "seq": p.seq,
+            "tree_size": p.tree_size,
+            "hashes": p.hashes.iter().map(hex::encode).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
 fn parse_public_key(hex_key: &str) -> anyhow::Result<[u8; 32]> {
     let bytes = hex::decode(hex_key.trim()).context("public key is not hex")?;
     let key = envelope::parse_public_key(&bytes).map_err(|e| anyhow!("public key: {e}"))?;
@@ -229,11 +435,7 @@ fn receipt_json(receipt: &Receipt) -> serde_json::Value {
         "seq": receipt.seq,
         "leaf_hash": hex::encode(&receipt.leaf_hash),
         "duplicate": receipt.duplicate,
-        "verdict": {
-            "status": TraceStatus::try_from(verdict.status).map(|s| s.as_str_name()).unwrap_or("UNKNOWN"),
-            "reasons": verdict.reasons,
-            "rules_version": verdict.rules_version,
-        },
+        "verdict": inspect::verdict_json(&verdict),
         "checkpoint": receipt.checkpoint,
     })
 }

@@ -3,6 +3,7 @@
 //! a status in [`status`].
 
 pub mod commit_queue;
+pub mod read;
 pub mod status;
 
 use std::pin::Pin;
@@ -269,20 +270,25 @@ impl Audit for AuditService {
 
     async fn query(
         &self,
-        _request: Request<QueryRequest>,
+        request: Request<QueryRequest>,
     ) -> Result<Response<Self::QueryStream>, Status> {
-        Err(Status::unimplemented(
-            "Query arrives with the chain-of-trust indexes (issue #3)",
-        ))
+        let request = request.into_inner();
+        let ledger = self.ledger.clone();
+        let found = tokio::task::spawn_blocking(move || read::query(&ledger, &request))
+            .await
+            .map_err(|_| Status::internal("internal error; the query was not completed"))??;
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            found.into_iter().map(Ok),
+        ))))
     }
 
-    async fn trace(
-        &self,
-        _request: Request<TraceRequest>,
-    ) -> Result<Response<TraceBundle>, Status> {
-        Err(Status::unimplemented(
-            "Trace arrives with the chain-of-trust rules (issue #3)",
-        ))
+    async fn trace(&self, request: Request<TraceRequest>) -> Result<Response<TraceBundle>, Status> {
+        let seq = request.into_inner().seq;
+        let ledger = self.ledger.clone();
+        tokio::task::spawn_blocking(move || read::trace(&ledger, seq))
+            .await
+            .map_err(|_| Status::internal("internal error; the trace was not completed"))?
+            .map(Response::new)
     }
 
     type WatchStream = BoxStream<StoredEntry>;

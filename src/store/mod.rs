@@ -9,7 +9,7 @@
 //!
 //! The store is used by one writer (the group-commit task) and many readers.
 
-pub(crate) mod keys;
+pub mod keys;
 
 use std::path::Path;
 
