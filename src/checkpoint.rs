@@ -137,7 +137,8 @@ impl LedgerVerifier {
             .map_err(|e| CheckpointError::MalformedVerifierKey(e.to_string()))?;
         // StandardVerifier accepted `<name>+<hash>+<base64(0x01 || key)>`; keep the raw key.
         use base64::Engine as _;
-        let encoded = key_string.rsplit('+').next().unwrap_or_default();
+        // The name and the hash hold no '+'; the base64 key may.
+        let encoded = key_string.splitn(3, '+').nth(2).unwrap_or_default();
         let public_key = base64::engine::general_purpose::STANDARD
             .decode(encoded)
             .ok()

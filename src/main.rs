@@ -230,7 +230,7 @@ impl QueryFilters {
             limit: self.limit,
             before_seq: self.before_seq.unwrap_or(0),
             ascending: self.ascending,
-            after_seq: self.after_seq.unwrap_or(0),
+            after_seq: self.after_seq,
         }
     }
 }

@@ -108,10 +108,7 @@ pub fn query(ledger: &Ledger, request: &QueryRequest) -> Result<Vec<StoredEntry>
     let tree_size = ledger.head().tree_size;
     let descending = !request.ascending;
     let (after, before) = if request.ascending {
-        (
-            (request.after_seq != 0).then_some(request.after_seq),
-            Some(tree_size),
-        )
+        (request.after_seq, Some(tree_size))
     } else {
         let before = match request.before_seq {
             0 => tree_size,

@@ -4,13 +4,17 @@
 //! - `support`: starting and stopping servers, keys, signed-event builders.
 //! - `write`: genesis, key grants, unary and streaming appends, every refusal.
 //! - `durability`: restart keeps size, root and the hash chain; data-directory files.
+//! - `query`: `Audit.Query` against a brute-force oracle over a mixed ledger.
 //! - `proofs`: receipts proved against checkpoints with the pure core only; out-of-range reads.
+//! - `trust`: verdicts over the wire, revocation, who may revoke, trace bundles verified offline.
 //! - `watch`: existing entries, then live ones.
 //! - `server`: gRPC health and reflection.
 
 mod durability;
 mod proofs;
+mod query;
 mod server;
 mod support;
+mod trust;
 mod watch;
 mod write;

@@ -173,3 +173,131 @@ pub fn file_mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
+
+/// Keys and builders for chain-of-trust scenarios: an issuer, users, resource servers.
+pub mod scenario {
+    use super::*;
+    use custody::proto::{
+        revocation::Target, Action, Denial, DenialReason, Issuance, Revocation, Validation,
+    };
+
+    pub const HOUR: i64 = 3_600_000;
+
+    pub fn issuer() -> SigningKey {
+        key(20)
+    }
+    pub fn user(name: &str) -> SigningKey {
+        key(30 + name.bytes().fold(0u8, |a, b| a.wrapping_add(b)) % 50)
+    }
+    pub fn server(name: &str) -> SigningKey {
+        key(100 + name.bytes().fold(0u8, |a, b| a.wrapping_add(b)) % 50)
+    }
+
+    /// Registers the issuer, the users and the resource servers.
+    pub async fn register(ledger: &TestLedger, users: &[&str], servers: &[&str]) {
+        ledger.grant(&issuer(), Role::Issuer, "auth.example").await;
+        for name in users {
+            ledger.grant(&user(name), Role::User, name).await;
+        }
+        for name in servers {
+            ledger
+                .grant(&server(name), Role::ResourceServer, name)
+                .await;
+        }
+    }
+
+    pub fn consent_body(consent_id: &str, user: &str, agent: &str, depth: u32) -> Body {
+        Body::Consent(Consent {
+            consent_id: consent_id.into(),
+            user: user.into(),
+            agent: agent.into(),
+            scopes: vec!["mail:read".into(), "cal".into()],
+            audiences: vec!["mail.example".into(), "cal.example".into()],
+            expires_at_ms: now() + 10 * HOUR,
+            purpose: "assist".into(),
+            max_delegation_depth: depth,
+            ..Consent::default()
+        })
+    }
+
+    pub fn token_hash(token_id: &str) -> Vec<u8> {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(token_id.as_bytes()).to_vec()
+    }
+
+    pub fn issuance(
+        token_id: &str,
+        consent_id: &str,
+        parent: &str,
+        user: &str,
+        agent: &str,
+        scopes: &[&str],
+        hours: i64,
+    ) -> Body {
+        Body::Issuance(Issuance {
+            token_id: token_id.into(),
+            token_sha256: token_hash(token_id),
+            consent_id: consent_id.into(),
+            parent_token_id: parent.into(),
+            user: user.into(),
+            agent: agent.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            audiences: vec!["mail.example".into()],
+            not_before_ms: now() - 1_000,
+            expires_at_ms: now() + hours * HOUR,
+            grant_type: if parent.is_empty() {
+                "authorization_code"
+            } else {
+                "token-exchange"
+            }
+            .into(),
+        })
+    }
+
+    pub fn action(token_id: &str, server: &str, operation: &str) -> Body {
+        Body::Action(Action {
+            token_id: token_id.into(),
+            resource_server: server.into(),
+            agent: String::new(),
+            operation: operation.into(),
+            resource: "mailbox/inbox".into(),
+            request_sha256: vec![],
+        })
+    }
+
+    pub fn validation(token_id: &str, server: &str, valid: bool) -> Body {
+        Body::Validation(Validation {
+            token_id: token_id.into(),
+            token_sha256: token_hash(token_id),
+            resource_server: server.into(),
+            valid,
+            reason: String::new(),
+        })
+    }
+
+    pub fn denial(token_id: &str, server: &str, agent: &str) -> Body {
+        Body::Denial(Denial {
+            token_id: token_id.into(),
+            resource_server: server.into(),
+            agent: agent.into(),
+            operation: "mail:send".into(),
+            resource: "outbox".into(),
+            reason: DenialReason::InsufficientScope as i32,
+            detail: "scope mail:send not granted".into(),
+        })
+    }
+
+    pub fn revoke_token(token_id: &str) -> Body {
+        Body::Revocation(Revocation {
+            target: Some(Target::TokenId(token_id.into())),
+            reason: "compromised".into(),
+        })
+    }
+
+    pub fn revoke_consent(consent_id: &str) -> Body {
+        Body::Revocation(Revocation {
+            target: Some(Target::ConsentId(consent_id.into())),
+            reason: "withdrawn".into(),
+        })
+    }
+}
