@@ -265,6 +265,33 @@ mod tests {
     }
 
     #[test]
+    fn verifier_keys_whose_base64_holds_a_plus_keep_their_public_key() {
+        // Regression: the key's base64 may contain '+', the field separator.
+        let (seed, signer) = (0u8..=255)
+            .map(|i| {
+                (
+                    i,
+                    CheckpointSigner::new("o", SigningKey::from_bytes(&[i; 32])).unwrap(),
+                )
+            })
+            .find(|(_, s)| {
+                s.verifier_key()
+                    .splitn(3, '+')
+                    .nth(2)
+                    .unwrap()
+                    .contains('+')
+            })
+            .expect("some seed gives a '+' in base64");
+        let key = LedgerVerifier::parse(&signer.verifier_key()).unwrap();
+        assert_eq!(
+            key.public_key(),
+            SigningKey::from_bytes(&[seed; 32])
+                .verifying_key()
+                .as_bytes()
+        );
+    }
+
+    #[test]
     fn refuses_altered_notes_and_other_keys() {
         let (v, signer) = vector_signer();
         let key = LedgerVerifier::parse(&signer.verifier_key()).unwrap();

@@ -1,6 +1,7 @@
 //! Integration tests: each starts a real ledger in-process on `127.0.0.1:0` and drives it over
 //! a real socket with the generated tonic clients.
 //!
+//! - `cli`: `custody query` and `custody trace` as a reviewer runs them.
 //! - `support`: starting and stopping servers, keys, signed-event builders.
 //! - `write`: genesis, key grants, unary and streaming appends, every refusal.
 //! - `durability`: restart keeps size, root and the hash chain; data-directory files.
@@ -10,6 +11,7 @@
 //! - `watch`: existing entries, then live ones.
 //! - `server`: gRPC health and reflection.
 
+mod cli;
 mod durability;
 mod proofs;
 mod query;
