@@ -23,6 +23,9 @@ pub enum StoreError {
     /// sled failed (I/O error, corruption it detected itself).
     #[error("storage error: {0}")]
     Sled(#[from] sled::Error),
+    /// Another process (or a store not yet closed) holds the database directory.
+    #[error("the database {0} is in use by another process")]
+    Locked(std::path::PathBuf),
     /// Reading state for a rule failed.
     #[error("couldn't read state: {0}")]
     Read(String),
@@ -31,6 +34,9 @@ pub enum StoreError {
     #[error("store is inconsistent: {0}")]
     Corrupt(String),
 }
+
+/// How long [`Store::open`] waits for another holder of the directory lock to let go.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The newest checkpoint and what it commits to.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,10 +81,30 @@ pub struct Store {
 
 impl Store {
     /// Opens (or creates) the store in `dir`.
+    ///
+    /// sled locks the directory; a store closing in this process (or a process exiting) can
+    /// hold the lock for a moment after its last handle is dropped, so a held lock is retried
+    /// for up to [`LOCK_WAIT`] before the error is returned.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).open()?;
-        let tree = db.open_tree("ledger")?;
-        Ok(Self { db, tree })
+        let started = std::time::Instant::now();
+        loop {
+            match sled::Config::new().path(dir).open() {
+                Ok(db) => {
+                    let tree = db.open_tree("ledger")?;
+                    return Ok(Self { db, tree });
+                }
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.to_string().contains("could not acquire lock") =>
+                {
+                    if started.elapsed() >= LOCK_WAIT {
+                        return Err(StoreError::Locked(dir.to_owned()));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     fn head_size(&self) -> Result<u64, StoreError> {
