@@ -25,6 +25,7 @@
 
 pub mod checkpoint;
 pub mod envelope;
+pub mod export;
 pub mod inspect;
 pub mod ledger;
 pub mod merkle;

@@ -10,13 +10,15 @@ use anyhow::{anyhow, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
 use prost::Message as _;
 
+use custody::checkpoint::LedgerVerifier;
 use custody::proto::{
     audit_client::AuditClient, event, ledger_client::LedgerClient, Event, EventKind,
-    GetCheckpointRequest, KeyGrant, QueryRequest, Receipt, Role, SignedEvent, TraceBundle,
-    TraceRequest, TraceStatus,
+    GetCheckpointRequest, GetEntriesRequest, KeyGrant, QueryRequest, Receipt, Role, SignedEvent,
+    TraceBundle, TraceRequest, TraceStatus,
 };
 use custody::server::{self, Config, KeyPairJson};
-use custody::{envelope, inspect};
+use custody::store::Store;
+use custody::{envelope, export, inspect, verify};
 use tokio_stream::StreamExt as _;
 
 #[derive(Parser)]
@@ -83,6 +85,60 @@ enum Command {
         /// Save the bundle to this file instead of printing it.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Writes the ledger (newest checkpoint and every entry) to an export file, from a running
+    /// ledger (--server) or a stopped ledger's directory (--data-dir). Format: docs/EXPORT.md.
+    Export {
+        /// The running ledger's gRPC address.
+        #[arg(
+            long,
+            conflicts_with = "data_dir",
+            required_unless_present = "data_dir"
+        )]
+        server: Option<String>,
+        /// A stopped ledger's data directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// The export file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Verifies an export (or a stopped ledger's directory) offline with only the ledger key:
+    /// checkpoint signature, seq contiguity, hash chain, Merkle root, every signature against
+    /// the key registry replayed from the ledger, every verdict recomputed.
+    #[command(
+        after_help = "Exit codes: 0 verified, no violations; 3 verified, the ledger records violations; 1 verification failed (tampering, bad signature, broken chain); 2 usage or I/O error."
+    )]
+    Verify {
+        /// The export file.
+        #[arg(required_unless_present = "data_dir", conflicts_with = "data_dir")]
+        file: Option<PathBuf>,
+        /// A stopped ledger's data directory instead of an export.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// The ledger's verifier key string, or @path to a file holding it (e.g. @ledger.pub).
+        #[arg(long)]
+        ledger_key: String,
+        /// A checkpoint note trusted earlier: the ledger must extend it.
+        #[arg(long)]
+        previous_checkpoint: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verifies one saved trace bundle offline (see `custody trace --out`).
+    #[command(
+        after_help = "Exit codes: 0 verified (traced or not applicable); 3 verified, the entry is a violation; 1 verification failed; 2 usage or I/O error."
+    )]
+    VerifyTrace {
+        /// The bundle file (protobuf TraceBundle).
+        bundle: PathBuf,
+        /// The ledger's verifier key string, or @path to a file holding it.
+        #[arg(long)]
+        ledger_key: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Registers a key: sends an admin-signed KeyGrant and prints the receipt as JSON.
     GrantKey {
@@ -256,8 +312,15 @@ impl From<RoleArg> for Role {
     }
 }
 
-/// An outcome the CLI reports with exit code 1 rather than 2.
-struct Refused(String);
+/// An outcome that is not success but not a usage or I/O error either.
+enum Failure {
+    /// The server refused the request: exit 1, with the status on stderr.
+    Refused(String),
+    /// Verification failed (already reported on stdout): exit 1.
+    Integrity,
+    /// Verified, and the ledger records violations (already reported): exit 3.
+    Findings,
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -270,10 +333,12 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
-        Ok(Err(Refused(message))) => {
+        Ok(Err(Failure::Refused(message))) => {
             eprintln!("custody: refused: {message}");
             ExitCode::from(1)
         }
+        Ok(Err(Failure::Integrity)) => ExitCode::from(1),
+        Ok(Err(Failure::Findings)) => ExitCode::from(3),
         Err(error) => {
             eprintln!("custody: {error:#}");
             ExitCode::from(2)
@@ -281,7 +346,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<Result<(), Refused>> {
+async fn run(cli: Cli) -> anyhow::Result<Result<(), Failure>> {
     match cli.command {
         Command::Serve {
             data_dir,
@@ -346,6 +411,46 @@ async fn run(cli: Cli) -> anyhow::Result<Result<(), Refused>> {
                 None => println!("{}", serde_json::to_string_pretty(&bundle_json(&bundle))?),
             }
         }
+        Command::Export {
+            server,
+            data_dir,
+            out,
+        } => {
+            return export(server, data_dir, out).await;
+        }
+        Command::Verify {
+            file,
+            data_dir,
+            ledger_key,
+            previous_checkpoint,
+            json,
+        } => {
+            let key = read_ledger_key(&ledger_key)?;
+            let previous = previous_checkpoint
+                .map(|path| {
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("couldn't read {}", path.display()))
+                })
+                .transpose()?;
+            let outcome = tokio::task::spawn_blocking(move || {
+                verify(file, data_dir, &key, previous.as_deref())
+            })
+            .await??;
+            return Ok(report_verification(outcome, json));
+        }
+        Command::VerifyTrace {
+            bundle,
+            ledger_key,
+            json,
+        } => {
+            let key = read_ledger_key(&ledger_key)?;
+            let bytes = std::fs::read(&bundle)
+                .with_context(|| format!("couldn't read {}", bundle.display()))?;
+            let outcome = TraceBundle::decode(bytes.as_slice())
+                .map_err(|e| format!("not a trace bundle: {e}"))
+                .and_then(|b| verify::verify_trace_bundle(&b, &key).map_err(|e| e.to_string()));
+            return Ok(report_trace(outcome, json));
+        }
         Command::GrantKey {
             server,
             admin_key,
@@ -385,21 +490,263 @@ async fn run(cli: Cli) -> anyhow::Result<Result<(), Refused>> {
                 .with_context(|| format!("couldn't connect to {server}"))?;
             match client.append(signed).await {
                 Ok(receipt) => println!("{}", receipt_json(&receipt.into_inner())),
-                Err(status) => {
-                    return Ok(Err(Refused(format!(
-                        "{:?}: {}",
-                        status.code(),
-                        status.message()
-                    ))))
-                }
+                Err(status) => return Ok(Err(refused(&status))),
             }
         }
     }
     Ok(Ok(()))
 }
 
-fn refused(status: &tonic::Status) -> Refused {
-    Refused(format!("{:?}: {}", status.code(), status.message()))
+/// Reads `--ledger-key`: the key string itself, or `@path`.
+fn read_ledger_key(arg: &str) -> anyhow::Result<LedgerVerifier> {
+    let text = match arg.strip_prefix('@') {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("couldn't read {path}"))?
+        }
+        None => arg.to_owned(),
+    };
+    LedgerVerifier::parse(&text).map_err(|e| anyhow!("--ledger-key: {e}"))
+}
+
+async fn export(
+    server: Option<String>,
+    data_dir: Option<PathBuf>,
+    out: PathBuf,
+) -> anyhow::Result<Result<(), Failure>> {
+    use std::io::Write as _;
+    let partial = out.with_extension("partial");
+    let file = std::fs::File::create(&partial)
+        .with_context(|| format!("couldn't create {}", partial.display()))?;
+    let mut writer = std::io::BufWriter::new(file);
+    let count = match (server, data_dir) {
+        (Some(server), _) => {
+            let mut client = connect_audit(&server).await?;
+            let checkpoint = client
+                .get_checkpoint(GetCheckpointRequest {})
+                .await?
+                .into_inner();
+            export::write_header(&mut writer, &checkpoint.note)?;
+            let mut stream = client
+                .get_entries(GetEntriesRequest {
+                    start: 0,
+                    end: checkpoint.tree_size,
+                })
+                .await?
+                .into_inner();
+            let mut count = 0u64;
+            while let Some(stored) = stream.next().await {
+                export::write_record(&mut writer, &stored?.entry)?;
+                count += 1;
+            }
+            count
+        }
+        (None, Some(dir)) => {
+            let store = Store::open(&dir.join("db"))
+                .with_context(|| format!("couldn't open the ledger in {}", dir.display()))?;
+            let head = store
+                .head()?
+                .ok_or_else(|| anyhow!("{} holds no checkpoint", dir.display()))?;
+            export::write_header(&mut writer, &head.checkpoint)?;
+            let mut count = 0u64;
+            for item in store.entries(0, head.tree_size) {
+                export::write_record(&mut writer, &item?.1)?;
+                count += 1;
+            }
+            count
+        }
+        (None, None) => return Err(anyhow!("give --server or --data-dir")),
+    };
+    writer.flush()?;
+    writer
+        .into_inner()
+        .map_err(|e| e.into_error())?
+        .sync_all()?;
+    std::fs::rename(&partial, &out).with_context(|| format!("couldn't write {}", out.display()))?;
+    eprintln!("exported {count} entries to {}", out.display());
+    Ok(Ok(()))
+}
+
+/// Runs a verification; the outer error is usage or I/O (exit 2).
+fn verify(
+    file: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    key: &LedgerVerifier,
+    previous: Option<&str>,
+) -> anyhow::Result<Result<verify::LedgerReport, verify::IntegrityFailure>> {
+    let progress = Progress::new();
+    match (file, data_dir) {
+        (Some(path), _) => {
+            let file = std::fs::File::open(&path)
+                .with_context(|| format!("couldn't open {}", path.display()))?;
+            let reader = std::io::BufReader::with_capacity(1 << 20, file);
+            let outcome = verify::verify_export(reader, key, previous, |done, total| {
+                progress.show(done, total)
+            })
+            .with_context(|| format!("couldn't read {}", path.display()))?;
+            progress.clear();
+            Ok(outcome)
+        }
+        (None, Some(dir)) => {
+            let store = Store::open(&dir.join("db"))
+                .with_context(|| format!("couldn't open the ledger in {}", dir.display()))?;
+            let Some(head) = store.head()? else {
+                return Ok(Err(verify::IntegrityFailure::Malformed(
+                    "the directory holds no checkpoint".into(),
+                )));
+            };
+            let mut verifier = match verify::ExportVerifier::new(&head.checkpoint, key, previous) {
+                Ok(verifier) => verifier,
+                Err(failure) => return Ok(Err(failure)),
+            };
+            let mut done = 0;
+            for item in store.entries(0, u64::MAX) {
+                let (_, bytes) = item?;
+                if let Err(failure) = verifier.push(&bytes) {
+                    progress.clear();
+                    return Ok(Err(failure));
+                }
+                done += 1;
+                progress.show(done, head.tree_size);
+            }
+            progress.clear();
+            Ok(verifier.finish())
+        }
+        (None, None) => Err(anyhow!("give an export FILE or --data-dir")),
+    }
+}
+
+/// A progress line on stderr, only when it is a terminal and the run is long.
+struct Progress {
+    enabled: bool,
+}
+
+impl Progress {
+    fn new() -> Self {
+        use std::io::IsTerminal as _;
+        Self {
+            enabled: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn show(&self, done: u64, total: u64) {
+        if self.enabled && total >= 10_000 && done % (total / 100).max(1) == 0 {
+            eprint!(
+                "\rverifying: {done}/{total} entries ({}%)",
+                done * 100 / total.max(1)
+            );
+        }
+    }
+
+    fn clear(&self) {
+        if self.enabled {
+            eprint!("\r\x1b[2K");
+        }
+    }
+}
+
+fn report_verification(
+    outcome: Result<verify::LedgerReport, verify::IntegrityFailure>,
+    json: bool,
+) -> Result<(), Failure> {
+    match outcome {
+        Err(failure) => {
+            if json {
+                let value = serde_json::json!({ "result": "integrity_failure", "seq": failure.seq(), "failure": failure.to_string() });
+                println!("{value}");
+            } else {
+                match failure.seq() {
+                    Some(seq) => println!("FAILED at entry {seq}: {failure}"),
+                    None => println!("FAILED: {failure}"),
+                }
+            }
+            Err(Failure::Integrity)
+        }
+        Ok(report) => {
+            let findings = !report.violations.is_empty();
+            if json {
+                let result = if findings { "findings" } else { "verified" };
+                println!(
+                    "{}",
+                    serde_json::json!({ "result": result, "report": report })
+                );
+            } else {
+                println!(
+                    "VERIFIED: ledger {}, {} entries, root {}",
+                    report.origin, report.tree_size, report.root
+                );
+                if let Some(previous) = report.extends_previous {
+                    println!("  extends the previous checkpoint of {previous} entries");
+                }
+                let kinds: Vec<String> = report
+                    .entries_by_kind
+                    .iter()
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect();
+                println!("  entries by kind: {}", kinds.join(", "));
+                println!(
+                    "  actions traced: {} of {}",
+                    report.actions_traced, report.actions
+                );
+                println!("  violations recorded: {}", report.violations.len());
+                for v in &report.violations {
+                    println!(
+                        "    seq {} {} user={} agent={}: {}",
+                        v.seq,
+                        v.kind,
+                        v.user,
+                        v.agent,
+                        v.reasons.join(", ")
+                    );
+                }
+            }
+            if findings {
+                return Err(Failure::Findings);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn report_trace(outcome: Result<verify::TraceReport, String>, json: bool) -> Result<(), Failure> {
+    match outcome {
+        Err(failure) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "result": "integrity_failure", "failure": failure })
+                );
+            } else {
+                println!("FAILED: {failure}");
+            }
+            Err(Failure::Integrity)
+        }
+        Ok(report) => {
+            let violation = report.verdict.status == TraceStatus::Violation as i32;
+            if json {
+                let result = if violation { "findings" } else { "verified" };
+                println!(
+                    "{}",
+                    serde_json::json!({ "result": result, "seq": report.seq, "tree_size": report.tree_size, "entries": report.entries, "verdict": inspect::verdict_json(&report.verdict) })
+                );
+            } else {
+                println!(
+                    "VERIFIED: entry {} against a checkpoint of {} entries ({} entries in the bundle); verdict {}",
+                    report.seq,
+                    report.tree_size,
+                    report.entries,
+                    inspect::verdict_json(&report.verdict)
+                );
+            }
+            if violation {
+                return Err(Failure::Findings);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn refused(status: &tonic::Status) -> Failure {
+    Failure::Refused(format!("{:?}: {}", status.code(), status.message()))
 }
 
 async fn connect_audit(server: &str) -> anyhow::Result<AuditClient<tonic::transport::Channel>> {

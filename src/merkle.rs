@@ -157,6 +157,50 @@ pub fn hash_from_slice(bytes: &[u8]) -> Option<Hash> {
     Some(Hash(bytes.try_into().ok()?))
 }
 
+/// The right edge of a growing tree: the roots of its perfect subtrees, largest first. Enough
+/// to compute the root after every append in O(log n) memory; what a streaming verifier keeps.
+#[derive(Debug, Default, Clone)]
+pub struct Frontier {
+    /// (height, hash) of each perfect subtree, heights strictly decreasing.
+    subtrees: Vec<(u32, Hash)>,
+    size: u64,
+}
+
+impl Frontier {
+    /// An empty tree.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends a leaf hash.
+    pub fn push(&mut self, leaf: Hash) {
+        let mut node = (0u32, leaf);
+        while let Some(&(height, left)) = self.subtrees.last() {
+            if height != node.0 {
+                break;
+            }
+            self.subtrees.pop();
+            node = (height + 1, node_hash(left, node.1));
+        }
+        self.subtrees.push(node);
+        self.size += 1;
+    }
+
+    /// Number of leaves.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The RFC 9162 root of the leaves so far.
+    pub fn root(&self) -> Hash {
+        let mut hashes = self.subtrees.iter().rev().map(|&(_, hash)| hash);
+        match hashes.next() {
+            None => EMPTY_ROOT,
+            Some(first) => hashes.fold(first, |right, left| node_hash(left, right)),
+        }
+    }
+}
+
 /// A whole tree's stored hashes in memory: what the offline verifier builds while it replays
 /// an export, and what tests use as a reference.
 #[derive(Debug, Default, Clone)]
@@ -338,6 +382,32 @@ mod tests {
                 tree_size: 2
             })
         );
+    }
+
+    #[test]
+    fn frontier_roots_agree_with_the_stored_tree_and_the_vectors() {
+        let v = load("merkle.json");
+        let mut frontier = Frontier::new();
+        assert_eq!(frontier.root(), EMPTY_ROOT);
+        for (i, leaf) in v["leaves"].as_array().unwrap().iter().enumerate() {
+            frontier.push(leaf_hash(&hex::decode(leaf.as_str().unwrap()).unwrap()));
+            assert_eq!(
+                frontier.root(),
+                hex_hash(&v["roots"][(i + 1).to_string()]),
+                "size {}",
+                i + 1
+            );
+        }
+        let mut tree = MemoryTree::new();
+        let mut frontier = Frontier::new();
+        for i in 0..1000u32 {
+            let leaf = leaf_hash(&i.to_be_bytes());
+            tree.push(leaf);
+            frontier.push(leaf);
+            assert_eq!(frontier.root(), tree.root(), "size {}", i + 1);
+        }
+        assert_eq!(frontier.size(), 1000);
+        assert!(frontier.subtrees.len() <= 10, "memory stays logarithmic");
     }
 
     #[test]

@@ -46,6 +46,48 @@ pub struct TraceReport {
     pub entries: usize,
 }
 
+/// Why one entry does not hold when judged again.
+enum EntryFailure {
+    Malformed(String),
+    Refused(Refusal),
+    VerdictMismatch {
+        recorded: Box<Verdict>,
+        recomputed: Box<Verdict>,
+    },
+}
+
+/// Judges a stored entry again against the state before it (the genesis against the ledger
+/// key) and checks the recorded verdict. Shared by trace and export verification.
+fn rejudge_entry(
+    entry: &Entry,
+    state: &MemoryState,
+    ledger_key: &[u8; 32],
+) -> Result<trust::Evaluation, EntryFailure> {
+    let signed = entry
+        .event
+        .clone()
+        .ok_or_else(|| EntryFailure::Malformed("no event".into()))?;
+    let event = Event::decode(signed.payload.as_slice()).map_err(|e| {
+        EntryFailure::Refused(Refusal::Malformed(format!("payload does not decode: {e}")))
+    })?;
+    let judged = if entry.seq == 0 {
+        trust::judge_genesis(&signed, &event, ledger_key)
+    } else {
+        // MemoryState reads cannot fail.
+        trust::rejudge(&signed, &event, entry.seq, state)
+            .map_err(|e| EntryFailure::Malformed(e.to_string()))?
+    };
+    let evaluation = judged.map_err(EntryFailure::Refused)?;
+    let recorded = entry.verdict.clone().unwrap_or_default();
+    if evaluation.verdict != recorded {
+        return Err(EntryFailure::VerdictMismatch {
+            recorded: Box::new(recorded),
+            recomputed: Box::new(evaluation.verdict),
+        });
+    }
+    Ok(evaluation)
+}
+
 fn malformed(message: impl Into<String>) -> TraceError {
     TraceError::Malformed(message.into())
 }
@@ -112,29 +154,19 @@ pub fn verify_trace_bundle(
     let mut target = None;
     for entry in &entries {
         let seq = entry.seq;
-        let signed = entry
-            .event
-            .clone()
-            .ok_or_else(|| malformed(format!("entry {seq} has no event")))?;
-        let event = Event::decode(signed.payload.as_slice()).map_err(|e| TraceError::Refused {
-            seq,
-            refusal: Refusal::Malformed(e.to_string()),
-        })?;
-        let judged = if seq == 0 {
-            trust::judge_genesis(&signed, &event, key.public_key())
-        } else {
-            // MemoryState reads cannot fail.
-            trust::rejudge(&signed, &event, seq, &state).map_err(|e| malformed(e.to_string()))?
-        };
-        let evaluation = judged.map_err(|refusal| TraceError::Refused { seq, refusal })?;
-        let recorded = entry.verdict.clone().unwrap_or_default();
-        if evaluation.verdict != recorded {
-            return Err(TraceError::VerdictMismatch {
-                seq,
-                recorded: Box::new(recorded),
-                recomputed: Box::new(evaluation.verdict),
-            });
-        }
+        let evaluation =
+            rejudge_entry(entry, &state, key.public_key()).map_err(|failure| match failure {
+                EntryFailure::Malformed(what) => malformed(format!("entry {seq}: {what}")),
+                EntryFailure::Refused(refusal) => TraceError::Refused { seq, refusal },
+                EntryFailure::VerdictMismatch {
+                    recorded,
+                    recomputed,
+                } => TraceError::VerdictMismatch {
+                    seq,
+                    recorded,
+                    recomputed,
+                },
+            })?;
         if seq == bundle.seq {
             target = Some(evaluation.verdict.clone());
         }
@@ -159,4 +191,316 @@ pub fn verify_trace_bundle(
         tree_size: checkpoint.tree_size(),
         entries: entries.len(),
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Whole ledgers (exports and stopped ledgers' directories), streamed.
+// ---------------------------------------------------------------------------------------------
+
+/// The first thing that makes a ledger fail verification. Tampering, a bad signature, a broken
+/// chain: `custody verify` exits 1 on any of these.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IntegrityFailure {
+    /// The export's structure is damaged (header, lengths, truncation).
+    #[error("malformed export: {0}")]
+    Malformed(String),
+    /// The checkpoint does not open under the trusted key.
+    #[error("checkpoint: {0}")]
+    Checkpoint(CheckpointError),
+    /// The previous checkpoint does not open under the trusted key.
+    #[error("previous checkpoint: {0}")]
+    PreviousCheckpoint(CheckpointError),
+    /// The ledger is shorter than the previous checkpoint: entries were removed.
+    #[error("the ledger has {size} entries, fewer than the previous checkpoint's {previous}")]
+    ShorterThanPrevious { size: u64, previous: u64 },
+    /// An entry is out of place: wrong seq, broken prev_hash, undecodable.
+    #[error("entry {seq}: {what}")]
+    Entry { seq: u64, what: String },
+    /// An entry would be refused (bad signature, unknown or invalid key, role not allowed).
+    #[error("entry {seq} does not hold: {refusal}")]
+    Refused { seq: u64, refusal: Refusal },
+    /// The recorded verdict differs from the one the rules give.
+    #[error(
+        "entry {seq}: recorded verdict {recorded:?} differs from the recomputed {recomputed:?}"
+    )]
+    VerdictMismatch {
+        seq: u64,
+        recorded: Box<Verdict>,
+        recomputed: Box<Verdict>,
+    },
+    /// More or fewer entries than the checkpoint commits to.
+    #[error("the ledger holds {found} entries; the checkpoint commits to {expected}")]
+    Count { found: u64, expected: u64 },
+    /// The Merkle root of the entries differs from the checkpoint's.
+    #[error("the entries' Merkle root {computed} differs from the checkpoint's {expected}")]
+    RootMismatch { computed: String, expected: String },
+    /// The first entries do not give the previous checkpoint's root: history was rewritten.
+    #[error("the first {size} entries do not have the previous checkpoint's root: history was rewritten")]
+    NotExtending { size: u64 },
+}
+
+impl IntegrityFailure {
+    /// The entry at fault, when one is.
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            IntegrityFailure::Entry { seq, .. }
+            | IntegrityFailure::Refused { seq, .. }
+            | IntegrityFailure::VerdictMismatch { seq, .. } => Some(*seq),
+            _ => None,
+        }
+    }
+}
+
+/// One recorded violation, as the report lists it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ViolationReport {
+    /// The entry.
+    pub seq: u64,
+    /// Its kind (`action`, `issuance`, `validation`).
+    pub kind: String,
+    /// The user on whose behalf it happened, when known.
+    pub user: String,
+    /// The agent involved, when known.
+    pub agent: String,
+    /// The broken rules.
+    pub reasons: Vec<String>,
+}
+
+/// What a verified ledger holds.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LedgerReport {
+    /// The log's origin.
+    pub origin: String,
+    /// Entries verified (the checkpoint's tree size).
+    pub tree_size: u64,
+    /// The checkpoint's root, hex.
+    pub root: String,
+    /// The previous checkpoint's tree size, when one was checked.
+    pub extends_previous: Option<u64>,
+    /// Entries by kind.
+    pub entries_by_kind: std::collections::BTreeMap<String, u64>,
+    /// Actions whose verdict is TRACED.
+    pub actions_traced: u64,
+    /// All actions.
+    pub actions: u64,
+    /// Every recorded violation, in ledger order.
+    pub violations: Vec<ViolationReport>,
+}
+
+fn kind_label(kind: crate::proto::EventKind) -> String {
+    kind.as_str_name()
+        .trim_start_matches("EVENT_KIND_")
+        .to_ascii_lowercase()
+}
+
+/// Verifies a whole ledger entry by entry, in constant memory apart from the trust state
+/// (keys, consents, tokens). Feed it every entry in order, then call [`finish`](Self::finish).
+pub struct ExportVerifier {
+    checkpoint: checkpoint::VerifiedCheckpoint,
+    previous: Option<checkpoint::VerifiedCheckpoint>,
+    ledger_key: [u8; 32],
+    state: MemoryState,
+    frontier: merkle::Frontier,
+    prev_leaf: [u8; 32],
+    report: LedgerReport,
+}
+
+impl ExportVerifier {
+    /// Opens the checkpoint (and the previous one, if given) under `key`.
+    pub fn new(
+        note: &str,
+        key: &LedgerVerifier,
+        previous: Option<&str>,
+    ) -> Result<Self, IntegrityFailure> {
+        let checkpoint = checkpoint::open(note, key).map_err(IntegrityFailure::Checkpoint)?;
+        let previous = previous
+            .map(|note| checkpoint::open(note, key).map_err(IntegrityFailure::PreviousCheckpoint))
+            .transpose()?;
+        if let Some(previous) = &previous {
+            if previous.tree_size() > checkpoint.tree_size() {
+                return Err(IntegrityFailure::ShorterThanPrevious {
+                    size: checkpoint.tree_size(),
+                    previous: previous.tree_size(),
+                });
+            }
+        }
+        let report = LedgerReport {
+            origin: checkpoint.origin().to_owned(),
+            tree_size: checkpoint.tree_size(),
+            root: hex::encode(checkpoint.root().0),
+            extends_previous: previous.as_ref().map(|p| p.tree_size()),
+            entries_by_kind: Default::default(),
+            actions_traced: 0,
+            actions: 0,
+            violations: Vec::new(),
+        };
+        Ok(Self {
+            checkpoint,
+            previous,
+            ledger_key: *key.public_key(),
+            state: MemoryState::new(),
+            frontier: merkle::Frontier::new(),
+            prev_leaf: [0; 32],
+            report,
+        })
+    }
+
+    /// How many entries the checkpoint commits to.
+    pub fn expected_entries(&self) -> u64 {
+        self.checkpoint.tree_size()
+    }
+
+    /// Verifies the next entry's stored bytes.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<(), IntegrityFailure> {
+        let seq = self.frontier.size();
+        if seq >= self.checkpoint.tree_size() {
+            return Err(IntegrityFailure::Count {
+                found: seq + 1,
+                expected: self.checkpoint.tree_size(),
+            });
+        }
+        let entry_failure = |what: String| IntegrityFailure::Entry { seq, what };
+        let entry =
+            Entry::decode(bytes).map_err(|e| entry_failure(format!("does not decode: {e}")))?;
+        if entry.seq != seq {
+            return Err(entry_failure(format!("carries seq {}", entry.seq)));
+        }
+        if entry.prev_hash != self.prev_leaf {
+            return Err(entry_failure(
+                "prev_hash is not the previous entry's leaf hash".into(),
+            ));
+        }
+        let evaluation = rejudge_entry(&entry, &self.state, &self.ledger_key).map_err(
+            |failure| match failure {
+                EntryFailure::Malformed(what) => entry_failure(what),
+                EntryFailure::Refused(refusal) => IntegrityFailure::Refused { seq, refusal },
+                EntryFailure::VerdictMismatch {
+                    recorded,
+                    recomputed,
+                } => IntegrityFailure::VerdictMismatch {
+                    seq,
+                    recorded,
+                    recomputed,
+                },
+            },
+        )?;
+        let leaf = merkle::leaf_hash(bytes);
+        self.frontier.push(leaf);
+        self.prev_leaf = leaf.0;
+        self.tally(&entry, &evaluation.verdict);
+        self.state.apply(evaluation.delta);
+        if let Some(previous) = &self.previous {
+            if self.frontier.size() == previous.tree_size()
+                && self.frontier.root() != previous.root()
+            {
+                return Err(IntegrityFailure::NotExtending {
+                    size: previous.tree_size(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn tally(&mut self, entry: &Entry, verdict: &Verdict) {
+        use crate::proto::{event::Body, EventKind, TraceStatus};
+        use crate::trust::TrustView as _;
+        let event = entry
+            .event
+            .as_ref()
+            .and_then(|e| Event::decode(e.payload.as_slice()).ok())
+            .unwrap_or_default();
+        let kind = trust::event_kind(event.body.as_ref());
+        *self
+            .report
+            .entries_by_kind
+            .entry(kind_label(kind))
+            .or_default() += 1;
+        let traced = verdict.status == TraceStatus::Traced as i32;
+        if kind == EventKind::Action {
+            self.report.actions += 1;
+            self.report.actions_traced += u64::from(traced);
+        }
+        if verdict.status == TraceStatus::Violation as i32 {
+            let token_party = |token_id: &str| {
+                self.state
+                    .token(token_id)
+                    .ok()
+                    .flatten()
+                    .map(|t| (t.user, t.agent))
+                    .unwrap_or_default()
+            };
+            let (user, agent) = match &event.body {
+                Some(Body::Issuance(i)) => (i.user.clone(), i.agent.clone()),
+                Some(Body::Action(a)) => token_party(&a.token_id),
+                Some(Body::Validation(v)) => token_party(&v.token_id),
+                _ => Default::default(),
+            };
+            self.report.violations.push(ViolationReport {
+                seq: entry.seq,
+                kind: kind_label(kind),
+                user,
+                agent,
+                reasons: verdict.reasons.clone(),
+            });
+        }
+    }
+
+    /// Checks the count and the root once every entry was pushed.
+    pub fn finish(self) -> Result<LedgerReport, IntegrityFailure> {
+        let found = self.frontier.size();
+        if found != self.checkpoint.tree_size() {
+            return Err(IntegrityFailure::Count {
+                found,
+                expected: self.checkpoint.tree_size(),
+            });
+        }
+        let root = self.frontier.root();
+        if root != self.checkpoint.root() {
+            return Err(IntegrityFailure::RootMismatch {
+                computed: hex::encode(root.0),
+                expected: hex::encode(self.checkpoint.root().0),
+            });
+        }
+        Ok(self.report)
+    }
+}
+
+/// Verifies an export read from `reader`; `progress(done, total)` is called as entries pass.
+/// The outer error is an I/O failure (not evidence); the inner result is the verdict on the
+/// ledger.
+pub fn verify_export<R: std::io::BufRead>(
+    reader: R,
+    key: &LedgerVerifier,
+    previous: Option<&str>,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<Result<LedgerReport, IntegrityFailure>, std::io::Error> {
+    use crate::export::{ExportError, ExportReader};
+    let split = |error: ExportError| match error {
+        ExportError::Io(e) => Err(e),
+        ExportError::Malformed(what) => Ok(IntegrityFailure::Malformed(what)),
+    };
+    let (mut export, note) = match ExportReader::open(reader) {
+        Ok(opened) => opened,
+        Err(error) => return split(error).map(Err),
+    };
+    let mut verifier = match ExportVerifier::new(&note, key, previous) {
+        Ok(verifier) => verifier,
+        Err(failure) => return Ok(Err(failure)),
+    };
+    let total = verifier.expected_entries();
+    let mut done = 0;
+    loop {
+        let bytes = match export.next_entry() {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => break,
+            Err(error) => return split(error).map(Err),
+        };
+        if let Err(failure) = verifier.push(&bytes) {
+            return Ok(Err(failure));
+        }
+        done += 1;
+        progress(done, total);
+    }
+    Ok(verifier.finish())
 }
