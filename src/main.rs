@@ -629,7 +629,7 @@ impl Progress {
     }
 
     fn show(&self, done: u64, total: u64) {
-        if self.enabled && total >= 10_000 && done % (total / 100).max(1) == 0 {
+        if self.enabled && total >= 10_000 && done.is_multiple_of((total / 100).max(1)) {
             eprint!(
                 "\rverifying: {done}/{total} entries ({}%)",
                 done * 100 / total.max(1)

@@ -155,7 +155,7 @@ async fn review(ledger: &TestLedger) -> Vec<Vec<Vec<u8>>> {
 #[tokio::test]
 async fn derived_data_is_rebuilt_from_the_entries_alone() {
     let ledger = TestLedger::start().await;
-    crate::query::mixed_ledger(&ledger, 30, 11).await;
+    crate::query::mixed_ledger(&ledger, 30, 7).await;
     let checkpoint = ledger
         .audit()
         .await

@@ -1,6 +1,7 @@
 //! Integration tests: each starts a real ledger in-process on `127.0.0.1:0` and drives it over
 //! a real socket with the generated tonic clients.
 //!
+//! - `audit`: export and offline verification; every kind of tampering caught.
 //! - `cli`: `custody query` and `custody trace` as a reviewer runs them.
 //! - `support`: starting and stopping servers, keys, signed-event builders.
 //! - `write`: genesis, key grants, unary and streaming appends, every refusal.
@@ -11,6 +12,7 @@
 //! - `watch`: existing entries, then live ones.
 //! - `server`: gRPC health and reflection.
 
+mod audit;
 mod cli;
 mod durability;
 mod proofs;

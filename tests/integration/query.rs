@@ -21,6 +21,11 @@ const SERVERS: [&str; 2] = ["mail.example", "cal.example"];
 /// (some violating), denials and revocations, with occurred_at spread over ~4 minutes.
 pub async fn mixed_ledger(ledger: &TestLedger, sessions: usize, seed: u64) {
     register(ledger, &USERS, &SERVERS).await;
+    mixed_ledger_more(ledger, sessions, seed).await;
+}
+
+/// More sessions on a ledger whose keys `mixed_ledger` registered (ids depend on `seed`).
+pub async fn mixed_ledger_more(ledger: &TestLedger, sessions: usize, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut events: Vec<SignedEvent> = Vec::new();
     let base = now() - 240_000;
@@ -29,7 +34,12 @@ pub async fn mixed_ledger(ledger: &TestLedger, sessions: usize, seed: u64) {
         clock += rng.gen_range(1..800);
         clock
     };
-    for s in 0..sessions {
+    for n in 0..sessions {
+        let s = if seed == 7 {
+            n.to_string()
+        } else {
+            format!("{seed}-{n}")
+        };
         let user_name = USERS[rng.gen_range(0..USERS.len())];
         let consent_id = format!("c{s}");
         let agent = if rng.gen_bool(0.5) {
