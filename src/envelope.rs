@@ -94,6 +94,48 @@ pub fn verify_payload(
         .map_err(|_| SignatureError::BadSignature)
 }
 
+/// One signature to check in a batch: the key, the payload, the signature bytes.
+pub struct BatchItem<'a> {
+    /// The signer's key.
+    pub key: VerifyingKey,
+    /// The signed payload (the PAE is computed here).
+    pub payload: &'a [u8],
+    /// The signature bytes.
+    pub signature: &'a [u8],
+}
+
+/// Verifies many signatures at once with Ed25519 batch verification; if the batch fails,
+/// verifies them one by one (strictly) to find the bad ones. Returns one result per item.
+///
+/// Batch verification does not refuse every encoding `verify_strict` refuses (small-order
+/// or non-canonical `R`); such a signature is a malleated copy of a valid one. Callers that
+/// also check the signed bytes against a Merkle root (as the offline verifier does) cannot be
+/// fooled by it: the altered signature changes the leaf hash.
+pub fn verify_batch(items: &[BatchItem<'_>]) -> Vec<bool> {
+    let mut messages = Vec::with_capacity(items.len());
+    let mut signatures = Vec::with_capacity(items.len());
+    let mut keys = Vec::with_capacity(items.len());
+    let mut well_formed = true;
+    for item in items {
+        match <&[u8; 64]>::try_from(item.signature) {
+            Ok(bytes) => signatures.push(Signature::from_bytes(bytes)),
+            Err(_) => well_formed = false,
+        }
+        messages.push(pae(PAYLOAD_TYPE, item.payload));
+        keys.push(item.key);
+    }
+    if well_formed {
+        let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
+        if ed25519_dalek::verify_batch(&refs, &signatures, &keys).is_ok() {
+            return vec![true; items.len()];
+        }
+    }
+    items
+        .iter()
+        .map(|item| verify_payload(&item.key, item.payload, item.signature).is_ok())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +176,37 @@ mod tests {
             verify_payload(&key, b"payload", &signature[..63]),
             Err(SignatureError::MalformedSignature { len: 63 })
         );
+    }
+
+    #[test]
+    fn batch_verification_finds_the_bad_signature() {
+        let keys: Vec<SigningKey> = (1..=20u8)
+            .map(|i| SigningKey::from_bytes(&[i; 32]))
+            .collect();
+        let payloads: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 10 + i as usize]).collect();
+        let mut signatures: Vec<[u8; 64]> = keys
+            .iter()
+            .zip(&payloads)
+            .map(|(k, p)| sign_payload(k, p))
+            .collect();
+        let items = |signatures: &[[u8; 64]]| -> Vec<bool> {
+            let batch: Vec<BatchItem<'_>> = keys
+                .iter()
+                .zip(&payloads)
+                .zip(signatures)
+                .map(|((k, p), s)| BatchItem {
+                    key: k.verifying_key(),
+                    payload: p,
+                    signature: s,
+                })
+                .collect();
+            verify_batch(&batch)
+        };
+        assert!(items(&signatures).iter().all(|&ok| ok));
+        signatures[13][7] ^= 1;
+        let results = items(&signatures);
+        assert_eq!(results.iter().filter(|&&ok| !ok).count(), 1);
+        assert!(!results[13]);
     }
 
     #[test]

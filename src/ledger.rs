@@ -300,10 +300,11 @@ impl Ledger {
                 }));
             }
         }
-        let signer = match trust::authenticate(signed, &event, batch).map_err(view_store_error)? {
-            Ok(signer) => signer,
-            Err(refusal) => return Ok(Err(refusal)),
-        };
+        let signer =
+            match trust::authenticate(signed, &event, batch, None).map_err(view_store_error)? {
+                Ok(signer) => signer,
+                Err(refusal) => return Ok(Err(refusal)),
+            };
         if let Some(seq) = earlier {
             return Ok(Err(Refusal::EventIdReused {
                 event_id: event.event_id,
@@ -388,7 +389,7 @@ fn rebuild(store: &Store, signer: &CheckpointSigner) -> Result<(), LedgerError> 
             let judged = if seq == 0 {
                 trust::judge_genesis(&signed, &event, &ledger_public_key)
             } else {
-                trust::rejudge(&signed, &event, seq, &batch).map_err(view_error)?
+                trust::rejudge(&signed, &event, seq, &batch, None).map_err(view_error)?
             };
             let evaluation =
                 judged.map_err(|refusal| corrupt(format!("would be refused: {refusal}")))?;

@@ -601,7 +601,7 @@ fn verify(
             let mut done = 0;
             for item in store.entries(0, u64::MAX) {
                 let (_, bytes) = item?;
-                if let Err(failure) = verifier.push(&bytes) {
+                if let Err(failure) = verifier.push(bytes) {
                     progress.clear();
                     return Ok(Err(failure));
                 }

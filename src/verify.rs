@@ -62,6 +62,7 @@ fn rejudge_entry(
     entry: &Entry,
     state: &MemoryState,
     ledger_key: &[u8; 32],
+    preverified: Option<&[u8; 32]>,
 ) -> Result<trust::Evaluation, EntryFailure> {
     let signed = entry
         .event
@@ -74,7 +75,7 @@ fn rejudge_entry(
         trust::judge_genesis(&signed, &event, ledger_key)
     } else {
         // MemoryState reads cannot fail.
-        trust::rejudge(&signed, &event, entry.seq, state)
+        trust::rejudge(&signed, &event, entry.seq, state, preverified)
             .map_err(|e| EntryFailure::Malformed(e.to_string()))?
     };
     let evaluation = judged.map_err(EntryFailure::Refused)?;
@@ -154,8 +155,8 @@ pub fn verify_trace_bundle(
     let mut target = None;
     for entry in &entries {
         let seq = entry.seq;
-        let evaluation =
-            rejudge_entry(entry, &state, key.public_key()).map_err(|failure| match failure {
+        let evaluation = rejudge_entry(entry, &state, key.public_key(), None).map_err(
+            |failure| match failure {
                 EntryFailure::Malformed(what) => malformed(format!("entry {seq}: {what}")),
                 EntryFailure::Refused(refusal) => TraceError::Refused { seq, refusal },
                 EntryFailure::VerdictMismatch {
@@ -166,7 +167,8 @@ pub fn verify_trace_bundle(
                     recorded,
                     recomputed,
                 },
-            })?;
+            },
+        )?;
         if seq == bundle.seq {
             target = Some(evaluation.verdict.clone());
         }
@@ -294,9 +296,15 @@ fn kind_label(kind: crate::proto::EventKind) -> String {
         .to_ascii_lowercase()
 }
 
-/// Verifies a whole ledger entry by entry, in constant memory apart from the trust state
-/// (keys, consents, tokens). Feed it every entry in order, then call [`finish`](Self::finish).
+/// Entries whose signatures are verified together (one Ed25519 batch per core).
+const CHUNK_ENTRIES: usize = 4096;
+
+/// Verifies a whole ledger entry by entry, in memory bounded by one chunk of entries plus the
+/// trust state (keys, consents, tokens). Feed it every entry in order, then call
+/// [`finish`](Self::finish). Signatures are checked a chunk at a time with Ed25519 batch
+/// verification on every core; everything else runs in ledger order.
 pub struct ExportVerifier {
+    pending: Vec<Vec<u8>>,
     checkpoint: checkpoint::VerifiedCheckpoint,
     previous: Option<checkpoint::VerifiedCheckpoint>,
     ledger_key: [u8; 32],
@@ -336,6 +344,7 @@ impl ExportVerifier {
             violations: Vec::new(),
         };
         Ok(Self {
+            pending: Vec::with_capacity(CHUNK_ENTRIES),
             checkpoint,
             previous,
             ledger_key: *key.public_key(),
@@ -351,18 +360,140 @@ impl ExportVerifier {
         self.checkpoint.tree_size()
     }
 
-    /// Verifies the next entry's stored bytes.
-    pub fn push(&mut self, bytes: &[u8]) -> Result<(), IntegrityFailure> {
-        let seq = self.frontier.size();
-        if seq >= self.checkpoint.tree_size() {
+    /// Takes the next entry's stored bytes. Failures are reported in ledger order: an error
+    /// may name an earlier entry of the current chunk.
+    pub fn push(&mut self, bytes: Vec<u8>) -> Result<(), IntegrityFailure> {
+        let seen = self.frontier.size() + self.pending.len() as u64;
+        if seen >= self.checkpoint.tree_size() {
+            self.flush_chunk()?;
             return Err(IntegrityFailure::Count {
-                found: seq + 1,
+                found: seen + 1,
                 expected: self.checkpoint.tree_size(),
             });
         }
+        self.pending.push(bytes);
+        if self.pending.len() >= CHUNK_ENTRIES {
+            self.flush_chunk()?;
+        }
+        Ok(())
+    }
+
+    /// Batch-verifies the pending chunk's signatures, then judges its entries in order.
+    fn flush_chunk(&mut self) -> Result<(), IntegrityFailure> {
+        let chunk = std::mem::take(&mut self.pending);
+        let entries: Vec<Option<Entry>> = chunk
+            .iter()
+            .map(|bytes| Entry::decode(bytes.as_slice()).ok())
+            .collect();
+        let preverified = self.preverify(&entries);
+        for ((bytes, entry), preverified) in chunk.iter().zip(entries).zip(preverified) {
+            self.judge(bytes, entry, preverified.as_ref())?;
+        }
+        Ok(())
+    }
+
+    /// Finds each entry's likely signer key (registered before the chunk, or granted earlier
+    /// in it) and batch-verifies the signatures on every core. Returns, per entry, the key its
+    /// signature verified under. Only a hint: `judge` checks the key is the registered one and
+    /// verifies strictly otherwise.
+    fn preverify(&self, entries: &[Option<Entry>]) -> Vec<Option<[u8; 32]>> {
+        use crate::proto::event::Body;
+        use crate::trust::TrustView as _;
+        let mut granted: std::collections::HashMap<String, [u8; 32]> = Default::default();
+        let mut keyed: Vec<Option<(usize, [u8; 32])>> = Vec::with_capacity(entries.len());
+        for (i, entry) in entries.iter().enumerate() {
+            let signed = entry.as_ref().and_then(|e| e.event.as_ref());
+            let key = signed.and_then(|signed| {
+                if entry.as_ref().is_some_and(|e| e.seq == 0) {
+                    return Some(self.ledger_key);
+                }
+                if let Some(key) = granted.get(&signed.key_id) {
+                    return Some(*key);
+                }
+                let record = self.state.key(&signed.key_id).ok().flatten()?;
+                <[u8; 32]>::try_from(record.public_key.as_slice()).ok()
+            });
+            if let Some(Ok(Event {
+                body: Some(Body::KeyGrant(grant)),
+                ..
+            })) = signed.map(|s| Event::decode(s.payload.as_slice()))
+            {
+                if let Ok(key) = <[u8; 32]>::try_from(grant.public_key.as_slice()) {
+                    granted.insert(crate::envelope::key_id(&key), key);
+                }
+            }
+            keyed.push(key.map(|k| (i, k)));
+        }
+        let items: Vec<(usize, [u8; 32], crate::envelope::BatchItem<'_>)> = keyed
+            .into_iter()
+            .flatten()
+            .filter_map(|(i, key)| {
+                let signed = entries[i].as_ref()?.event.as_ref()?;
+                let verifying = crate::envelope::parse_public_key(&key).ok()?;
+                Some((
+                    i,
+                    key,
+                    crate::envelope::BatchItem {
+                        key: verifying,
+                        payload: &signed.payload,
+                        signature: &signed.signature,
+                    },
+                ))
+            })
+            .collect();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per_thread = items.len().div_ceil(threads).max(1);
+        let mut preverified = vec![None; entries.len()];
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = items
+                .chunks(per_thread)
+                .map(|part| {
+                    scope.spawn(move || {
+                        let batch: Vec<crate::envelope::BatchItem<'_>> = part
+                            .iter()
+                            .map(|(_, _, item)| crate::envelope::BatchItem {
+                                key: item.key,
+                                payload: item.payload,
+                                signature: item.signature,
+                            })
+                            .collect();
+                        let results = crate::envelope::verify_batch(&batch);
+                        part.iter()
+                            .zip(results)
+                            .map(|((i, key, _), ok)| (*i, ok.then_some(*key)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            for handle in handles {
+                // A panic in a verification thread leaves those entries to strict verification.
+                for (i, key) in handle.join().unwrap_or_default() {
+                    preverified[i] = key;
+                }
+            }
+        });
+        preverified
+    }
+
+    /// Judges one entry in ledger order.
+    fn judge(
+        &mut self,
+        bytes: &[u8],
+        entry: Option<Entry>,
+        preverified: Option<&[u8; 32]>,
+    ) -> Result<(), IntegrityFailure> {
+        let seq = self.frontier.size();
         let entry_failure = |what: String| IntegrityFailure::Entry { seq, what };
-        let entry =
-            Entry::decode(bytes).map_err(|e| entry_failure(format!("does not decode: {e}")))?;
+        let entry = match entry {
+            Some(entry) => entry,
+            None => {
+                let error = Entry::decode(bytes)
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                return Err(entry_failure(format!("does not decode: {error}")));
+            }
+        };
         if entry.seq != seq {
             return Err(entry_failure(format!("carries seq {}", entry.seq)));
         }
@@ -371,8 +502,8 @@ impl ExportVerifier {
                 "prev_hash is not the previous entry's leaf hash".into(),
             ));
         }
-        let evaluation = rejudge_entry(&entry, &self.state, &self.ledger_key).map_err(
-            |failure| match failure {
+        let evaluation = rejudge_entry(&entry, &self.state, &self.ledger_key, preverified)
+            .map_err(|failure| match failure {
                 EntryFailure::Malformed(what) => entry_failure(what),
                 EntryFailure::Refused(refusal) => IntegrityFailure::Refused { seq, refusal },
                 EntryFailure::VerdictMismatch {
@@ -383,8 +514,7 @@ impl ExportVerifier {
                     recorded,
                     recomputed,
                 },
-            },
-        )?;
+            })?;
         let leaf = merkle::leaf_hash(bytes);
         self.frontier.push(leaf);
         self.prev_leaf = leaf.0;
@@ -446,8 +576,9 @@ impl ExportVerifier {
         }
     }
 
-    /// Checks the count and the root once every entry was pushed.
-    pub fn finish(self) -> Result<LedgerReport, IntegrityFailure> {
+    /// Judges what is left, then checks the count and the root.
+    pub fn finish(mut self) -> Result<LedgerReport, IntegrityFailure> {
+        self.flush_chunk()?;
         let found = self.frontier.size();
         if found != self.checkpoint.tree_size() {
             return Err(IntegrityFailure::Count {
@@ -496,7 +627,7 @@ pub fn verify_export<R: std::io::BufRead>(
             Ok(None) => break,
             Err(error) => return split(error).map(Err),
         };
-        if let Err(failure) = verifier.push(&bytes) {
+        if let Err(failure) = verifier.push(bytes) {
             return Ok(Err(failure));
         }
         done += 1;

@@ -210,17 +210,23 @@ pub(crate) fn not_applicable() -> Verdict {
 }
 
 /// Finds the signer's key, checks it is valid at the event's time and verifies the signature
-/// (strict Ed25519 over the DSSE PAE of the payload).
+/// (strict Ed25519 over the DSSE PAE of the payload). `preverified` names a public key under
+/// which the caller has already verified this very signature (e.g. in a batch); when the
+/// signer's registered key is that key, the signature is not verified again.
 pub fn authenticate(
     signed: &SignedEvent,
     event: &Event,
     view: &impl TrustView,
+    preverified: Option<&[u8; 32]>,
 ) -> Result<Result<KeyRecord, Refusal>, ViewError> {
     let Some(signer) = view.key(&signed.key_id)? else {
         return Ok(Err(Refusal::UnknownKey(signed.key_id.clone())));
     };
     if let Err(refusal) = key_valid_at(&signed.key_id, &signer, event.occurred_at_ms) {
         return Ok(Err(refusal));
+    }
+    if preverified.is_some_and(|key| key.as_slice() == signer.public_key.as_slice()) {
+        return Ok(Ok(signer));
     }
     let verified = envelope::parse_public_key(&signer.public_key)
         .and_then(|key| envelope::verify_payload(&key, &signed.payload, &signed.signature));
@@ -232,17 +238,19 @@ pub fn authenticate(
 
 /// Judges a stored event again as the ledger judged it when appending it at `seq`: shape,
 /// authentication, authorization and the rules; everything but what depends on the moment
-/// of arrival (clock skew, retries). The server's rebuild and the offline verifier use it.
+/// of arrival (clock skew, retries). The server's rebuild and the offline verifier use it;
+/// `preverified` is as for [`authenticate`].
 pub fn rejudge(
     signed: &SignedEvent,
     event: &Event,
     seq: u64,
     view: &impl TrustView,
+    preverified: Option<&[u8; 32]>,
 ) -> Result<Result<Evaluation, Refusal>, ViewError> {
     if let Err(refusal) = validate_event(event, signed.payload.len()) {
         return Ok(Err(refusal));
     }
-    let signer = match authenticate(signed, event, view)? {
+    let signer = match authenticate(signed, event, view, preverified)? {
         Ok(signer) => signer,
         Err(refusal) => return Ok(Err(refusal)),
     };
