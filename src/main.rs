@@ -385,9 +385,16 @@ async fn run(cli: Cli) -> anyhow::Result<Result<(), Failure>> {
                 Ok(response) => response.into_inner(),
                 Err(status) => return Ok(Err(refused(&status))),
             };
+            let mut out = std::io::stdout().lock();
             while let Some(item) = stream.next().await {
                 match item {
-                    Ok(stored) => println!("{}", inspect::entry_json(&stored.entry)),
+                    Ok(stored) => {
+                        use std::io::Write as _;
+                        // A closed pipe (e.g. `| head`) ends the listing quietly.
+                        if writeln!(out, "{}", inspect::entry_json(&stored.entry)).is_err() {
+                            break;
+                        }
+                    }
                     Err(status) => return Ok(Err(refused(&status))),
                 }
             }
