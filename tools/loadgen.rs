@@ -168,7 +168,7 @@ fn session(keys: &Keys, run: &str, n: usize) -> Vec<SignedEvent> {
                     token_id: last.clone(),
                     resource_server: server_name.clone(),
                     agent: String::new(),
-                    operation: if a == 3 && n % 5 == 0 {
+                    operation: if a == 3 && n.is_multiple_of(5) {
                         "mail:send".into()
                     } else {
                         "mail:read:inbox".into()
@@ -179,7 +179,7 @@ fn session(keys: &Keys, run: &str, n: usize) -> Vec<SignedEvent> {
             ),
         ));
     }
-    if n % 3 == 0 {
+    if n.is_multiple_of(3) {
         out.push(sign(
             server_key,
             &event(
@@ -196,7 +196,7 @@ fn session(keys: &Keys, run: &str, n: usize) -> Vec<SignedEvent> {
             ),
         ));
     }
-    if n % 10 == 0 {
+    if n.is_multiple_of(10) {
         out.push(sign(
             &keys.issuer,
             &event(
