@@ -24,7 +24,7 @@ use crate::proto::{event::Body, Entry, Event, Genesis, Receipt, SignedEvent, Ver
 use crate::store::keys as store_keys;
 use crate::store::{Commit, Head, PendingHashes, Store, StoreError};
 use crate::trust::{
-    self, ConsentRecord, Evaluation, IndexField, KeyRecord, Refusal, StateChange, TokenRecord,
+    self, ConsentRecord, Evaluation, IndexField, KeyRecord, MemoryState, Refusal, TokenRecord,
     TrustView, ViewError,
 };
 
@@ -523,9 +523,8 @@ struct Batch<'a> {
     entries: Vec<PendingEntry>,
     hashes: PendingHashes<'a>,
     event_ids: HashMap<String, u64>,
-    keys: HashMap<String, KeyRecord>,
-    consents: HashMap<String, ConsentRecord>,
-    tokens: HashMap<String, TokenRecord>,
+    /// The state changes of the batch so far, read before the store.
+    state: MemoryState,
     index: Vec<Vec<u8>>,
 }
 
@@ -557,9 +556,7 @@ impl<'a> Batch<'a> {
                 pending: Vec::new(),
             },
             event_ids: HashMap::new(),
-            keys: HashMap::new(),
-            consents: HashMap::new(),
-            tokens: HashMap::new(),
+            state: MemoryState::new(),
             index: Vec::new(),
         })
     }
@@ -627,25 +624,14 @@ impl<'a> Batch<'a> {
         self.prev_leaf = leaf.0;
         self.event_ids.insert(event.event_id.clone(), seq);
         self.index.extend(index_keys(seq, event, &evaluation));
-        for change in evaluation.delta {
-            match change {
-                StateChange::PutKey { key_id, record } => {
-                    self.keys.insert(key_id, record);
-                }
-                StateChange::PutConsent { consent_id, record } => {
-                    self.consents.insert(consent_id, record);
-                }
-                StateChange::PutToken { token_id, record } => {
-                    self.tokens.insert(token_id, record);
-                }
-            }
-        }
+        self.state.apply(evaluation.delta);
         self.entries.push(PendingEntry { signed, bytes });
         Ok((seq, leaf))
     }
 
     /// The durable form of the batch, with its checkpoint.
     fn into_commit(self, checkpoint: String) -> Commit {
+        let (keys, consents, tokens) = self.state.into_parts();
         Commit {
             first_seq: self.first_seq,
             entries: self
@@ -655,9 +641,9 @@ impl<'a> Batch<'a> {
                 .collect(),
             hashes: self.hashes.pending,
             event_ids: self.event_ids.into_iter().collect(),
-            keys: self.keys.into_iter().collect(),
-            consents: self.consents.into_iter().collect(),
-            tokens: self.tokens.into_iter().collect(),
+            keys,
+            consents,
+            tokens,
             index: self.index,
             checkpoint,
         }
@@ -670,20 +656,20 @@ fn view_result<T>(result: Result<Option<T>, StoreError>) -> Result<Option<T>, Vi
 
 impl TrustView for Batch<'_> {
     fn key(&self, key_id: &str) -> Result<Option<KeyRecord>, ViewError> {
-        match self.keys.get(key_id) {
-            Some(record) => Ok(Some(record.clone())),
+        match self.state.key(key_id)? {
+            Some(record) => Ok(Some(record)),
             None => view_result(self.store.key(key_id)),
         }
     }
     fn consent(&self, consent_id: &str) -> Result<Option<ConsentRecord>, ViewError> {
-        match self.consents.get(consent_id) {
-            Some(record) => Ok(Some(record.clone())),
+        match self.state.consent(consent_id)? {
+            Some(record) => Ok(Some(record)),
             None => view_result(self.store.consent(consent_id)),
         }
     }
     fn token(&self, token_id: &str) -> Result<Option<TokenRecord>, ViewError> {
-        match self.tokens.get(token_id) {
-            Some(record) => Ok(Some(record.clone())),
+        match self.state.token(token_id)? {
+            Some(record) => Ok(Some(record)),
             None => view_result(self.store.token(token_id)),
         }
     }

@@ -37,6 +37,24 @@ impl MemoryState {
     }
 }
 
+/// Every record a [`MemoryState`] holds, by kind.
+pub type StateParts = (
+    Vec<(String, KeyRecord)>,
+    Vec<(String, ConsentRecord)>,
+    Vec<(String, TokenRecord)>,
+);
+
+impl MemoryState {
+    /// Every record held, by kind (for writing them out).
+    pub fn into_parts(self) -> StateParts {
+        (
+            self.keys.into_iter().collect(),
+            self.consents.into_iter().collect(),
+            self.tokens.into_iter().collect(),
+        )
+    }
+}
+
 impl TrustView for MemoryState {
     fn key(&self, key_id: &str) -> Result<Option<KeyRecord>, ViewError> {
         Ok(self.keys.get(key_id).cloned())

@@ -5,21 +5,10 @@
 
 use custody::checkpoint::{CheckpointSigner, LedgerVerifier};
 use custody::export;
-use custody::proto::{event::Body, GetCheckpointRequest, KeyRevocation, Role};
+use custody::proto::{event::Body, KeyRevocation, Role};
 use custody::verify::{verify_export, IntegrityFailure, LedgerReport};
 
 use crate::support::*;
-
-async fn custody(args: Vec<String>) -> std::process::Output {
-    tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_custody"))
-            .args(args)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap()
-}
 
 fn verify_bytes(
     bytes: &[u8],
@@ -76,7 +65,7 @@ async fn exports_verify_and_every_kind_of_tampering_fails() {
     let ledger = big_ledger().await;
     let key = LedgerVerifier::parse(&ledger.verifier_key).unwrap();
     let path = ledger.dir.path().join("ledger.export");
-    let output = custody(vec![
+    let output = run_cli(vec![
         "export".into(),
         "--server".into(),
         ledger.url(),
@@ -113,7 +102,7 @@ async fn exports_verify_and_every_kind_of_tampering_fails() {
     assert!(!report.violations.is_empty() && report.actions_traced > 0);
     // The CLI agrees: verified with findings, exit 3; human and JSON reports.
     let ledger_pub = format!("@{}", ledger.data_dir().join("ledger.pub").display());
-    let output = custody(vec![
+    let output = run_cli(vec![
         "verify".into(),
         path.display().to_string(),
         "--ledger-key".into(),
@@ -131,7 +120,7 @@ async fn exports_verify_and_every_kind_of_tampering_fails() {
         text.contains("VERIFIED") && text.contains("violations recorded"),
         "{text}"
     );
-    let output = custody(vec![
+    let output = run_cli(vec![
         "verify".into(),
         path.display().to_string(),
         "--ledger-key".into(),
@@ -202,13 +191,7 @@ async fn exports_verify_and_every_kind_of_tampering_fails() {
     ));
 
     // A checkpoint re-signed by another key (same origin, same root).
-    let note = ledger
-        .audit()
-        .await
-        .get_checkpoint(GetCheckpointRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let note = ledger.checkpoint().await;
     let impostor = CheckpointSigner::new(key.origin(), crate::support::key(200)).unwrap();
     let root = custody::merkle::hash_from_slice(&note.root_hash).unwrap();
     let mut forged = Vec::new();
@@ -224,7 +207,7 @@ async fn exports_verify_and_every_kind_of_tampering_fails() {
         .join("missing.export")
         .display()
         .to_string();
-    let output = custody(vec![
+    let output = run_cli(vec![
         "verify".into(),
         missing,
         "--ledger-key".into(),
@@ -242,17 +225,11 @@ async fn exports_verify_and_every_kind_of_tampering_fails() {
 async fn previous_checkpoints_catch_rewritten_history_and_accept_extensions() {
     let ledger = TestLedger::start().await;
     crate::query::mixed_ledger(&ledger, 10, 1).await;
-    let early = ledger
-        .audit()
-        .await
-        .get_checkpoint(GetCheckpointRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let early = ledger.checkpoint().await;
     crate::query::mixed_ledger_more(&ledger, 10, 2).await;
     let key = LedgerVerifier::parse(&ledger.verifier_key).unwrap();
     let path = ledger.dir.path().join("later.export");
-    let output = custody(vec![
+    let output = run_cli(vec![
         "export".into(),
         "--server".into(),
         ledger.url(),
@@ -278,7 +255,7 @@ async fn previous_checkpoints_catch_rewritten_history_and_accept_extensions() {
     assert_eq!(fork.verifier_key, ledger.verifier_key);
     crate::query::mixed_ledger(&fork, 25, 9).await;
     let path = fork.dir.path().join("fork.export");
-    let output = custody(vec![
+    let output = run_cli(vec![
         "export".into(),
         "--server".into(),
         fork.url(),
@@ -298,13 +275,7 @@ async fn previous_checkpoints_catch_rewritten_history_and_accept_extensions() {
         "{caught:?}"
     );
     // A previous checkpoint larger than the export: entries were removed.
-    let current = ledger
-        .audit()
-        .await
-        .get_checkpoint(GetCheckpointRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let current = ledger.checkpoint().await;
     let older_export = custody::verify::ExportVerifier::new(&early.note, &key, Some(&current.note));
     assert!(matches!(
         older_export,
@@ -319,7 +290,7 @@ async fn verify_data_dir_catches_an_entry_rewritten_in_sled() {
     let verifier_key = ledger.verifier_key.clone();
     let dir = ledger.stop().await;
     let data = dir.path().join("data");
-    let output = custody(vec![
+    let output = run_cli(vec![
         "verify".into(),
         "--data-dir".into(),
         data.display().to_string(),
@@ -332,7 +303,7 @@ async fn verify_data_dir_catches_an_entry_rewritten_in_sled() {
         "{}",
         String::from_utf8_lossy(&output.stdout)
     );
-    let output = custody(vec![
+    let output = run_cli(vec![
         "export".into(),
         "--data-dir".into(),
         data.display().to_string(),
@@ -345,18 +316,9 @@ async fn verify_data_dir_catches_an_entry_rewritten_in_sled() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    {
-        use prost::Message as _;
-        let db = sled::open(data.join("db")).unwrap();
-        let tree = db.open_tree("ledger").unwrap();
-        let key = custody::store::keys::entry(20);
-        let mut entry =
-            custody::proto::Entry::decode(tree.get(key).unwrap().unwrap().as_ref()).unwrap();
-        entry.received_at_ms += 1; // a field no signature covers
-        tree.insert(key, entry.encode_to_vec()).unwrap();
-        db.flush().unwrap();
-    }
-    let output = custody(vec![
+    // Rewrite a field no signature covers.
+    rewrite_entry(&data.join("db"), 20, |entry| entry.received_at_ms += 1);
+    let output = run_cli(vec![
         "verify".into(),
         "--data-dir".into(),
         data.display().to_string(),

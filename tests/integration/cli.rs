@@ -6,22 +6,11 @@ use prost::Message as _;
 
 use crate::support::*;
 
-async fn custody(args: Vec<String>) -> std::process::Output {
-    tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_custody"))
-            .args(args)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test]
 async fn query_prints_json_lines_and_trace_saves_a_verifiable_bundle() {
     let ledger = TestLedger::start().await;
     crate::query::mixed_ledger(&ledger, 8, 5).await;
-    let output = custody(vec![
+    let output = run_cli(vec![
         "query".into(),
         "--server".into(),
         ledger.url(),
@@ -59,7 +48,7 @@ async fn query_prints_json_lines_and_trace_saves_a_verifiable_bundle() {
     }
     let seq = action_seq.unwrap();
     let out = ledger.dir.path().join("bundle.pb");
-    let output = custody(vec![
+    let output = run_cli(vec![
         "trace".into(),
         "--server".into(),
         ledger.url(),
@@ -78,7 +67,7 @@ async fn query_prints_json_lines_and_trace_saves_a_verifiable_bundle() {
     let report = custody::verify::verify_trace_bundle(&bundle, &key).unwrap();
     assert_eq!(report.seq, seq);
     // A refused request exits 1 with the status on stderr.
-    let output = custody(vec![
+    let output = run_cli(vec![
         "trace".into(),
         "--server".into(),
         ledger.url(),

@@ -1,7 +1,7 @@
 //! Durability: a restarted ledger comes back with the same tree and keeps appending on it;
 //! the data directory holds its keys with the right permissions.
 
-use custody::proto::{GetCheckpointRequest, GetEntriesRequest, Role};
+use custody::proto::{GetEntriesRequest, Role};
 use custody::server::{self, Config};
 use tokio_stream::StreamExt as _;
 
@@ -18,23 +18,11 @@ async fn restart_brings_back_the_same_tree_and_continues_the_chain() {
         ledger.append_ok(&issuer, &event).await;
         sent.push(event);
     }
-    let before = ledger
-        .audit()
-        .await
-        .get_checkpoint(GetCheckpointRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let before = ledger.checkpoint().await;
     let dir = ledger.stop().await;
 
     let ledger = TestLedger::start_in(dir).await;
-    let after = ledger
-        .audit()
-        .await
-        .get_checkpoint(GetCheckpointRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let after = ledger.checkpoint().await;
     assert_eq!(after.tree_size, before.tree_size);
     assert_eq!(after.root_hash, before.root_hash);
     assert_eq!(after.note, before.note);
@@ -156,13 +144,7 @@ async fn review(ledger: &TestLedger) -> Vec<Vec<Vec<u8>>> {
 async fn derived_data_is_rebuilt_from_the_entries_alone() {
     let ledger = TestLedger::start().await;
     crate::query::mixed_ledger(&ledger, 30, 7).await;
-    let checkpoint = ledger
-        .audit()
-        .await
-        .get_checkpoint(GetCheckpointRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let checkpoint = ledger.checkpoint().await;
     let reviewed = review(&ledger).await;
     assert!(
         reviewed.iter().all(|r| !r.is_empty()),
@@ -177,13 +159,7 @@ async fn derived_data_is_rebuilt_from_the_entries_alone() {
     drop(store);
 
     let ledger = TestLedger::start_in(dir).await;
-    let rebuilt = ledger
-        .audit()
-        .await
-        .get_checkpoint(GetCheckpointRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let rebuilt = ledger.checkpoint().await;
     assert_eq!(rebuilt.tree_size, checkpoint.tree_size);
     assert_eq!(rebuilt.root_hash, checkpoint.root_hash);
     assert_eq!(
@@ -216,19 +192,15 @@ async fn a_rewritten_entry_stops_the_rebuild() {
     let ledger = TestLedger::start().await;
     crate::query::mixed_ledger(&ledger, 5, 3).await;
     let dir = ledger.stop().await;
-    {
-        // Rewrite a stored verdict (a field no signature covers) directly in sled.
-        use prost::Message as _;
-        let db = sled::open(dir.path().join("data/db")).unwrap();
-        let tree = db.open_tree("ledger").unwrap();
-        let key = custody::store::keys::entry(12);
-        let mut entry =
-            custody::proto::Entry::decode(tree.get(key).unwrap().unwrap().as_ref()).unwrap();
-        let verdict = entry.verdict.as_mut().unwrap();
-        verdict.reasons.push("NOTHING_TO_SEE".into());
-        tree.insert(key, entry.encode_to_vec()).unwrap();
-        db.flush().unwrap();
-    }
+    // Rewrite a stored verdict (a field no signature covers) directly in sled.
+    rewrite_entry(&dir.path().join("data/db"), 12, |entry| {
+        entry
+            .verdict
+            .as_mut()
+            .unwrap()
+            .reasons
+            .push("NOTHING_TO_SEE".into());
+    });
     // With the derived data intact, the tail check passes only if the tail is untouched; the
     // rewritten entry is in the middle, so drop the derived data to force a full replay.
     let store = custody::store::Store::open(&dir.path().join("data/db")).unwrap();

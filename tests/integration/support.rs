@@ -92,14 +92,18 @@ impl TestLedger {
         AuditClient::connect(self.url()).await.unwrap()
     }
 
-    pub async fn tree_size(&self) -> u64 {
+    /// The newest checkpoint.
+    pub async fn checkpoint(&self) -> custody::proto::Checkpoint {
         self.audit()
             .await
             .get_checkpoint(GetCheckpointRequest {})
             .await
             .unwrap()
             .into_inner()
-            .tree_size
+    }
+
+    pub async fn tree_size(&self) -> u64 {
+        self.checkpoint().await.tree_size
     }
 
     /// Appends `event` signed by `signer`, expecting success.
@@ -300,4 +304,29 @@ pub mod scenario {
             reason: "withdrawn".into(),
         })
     }
+}
+
+/// Runs the real `custody` binary with `args`.
+pub async fn run_cli(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_custody"))
+            .args(args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// Rewrites entry `seq` directly in a stopped ledger's sled database, as an attacker with
+/// disk access would.
+pub fn rewrite_entry(db: &Path, seq: u64, change: impl FnOnce(&mut custody::proto::Entry)) {
+    let db = sled::open(db).unwrap();
+    let tree = db.open_tree("ledger").unwrap();
+    let key = custody::store::keys::entry(seq);
+    let mut entry =
+        custody::proto::Entry::decode(tree.get(key).unwrap().unwrap().as_ref()).unwrap();
+    change(&mut entry);
+    tree.insert(key, entry.encode_to_vec()).unwrap();
+    db.flush().unwrap();
 }
