@@ -11,12 +11,16 @@ use crate::proto::{
 
 /// Unix milliseconds as RFC 3339 UTC (millisecond precision); out-of-range values as numbers.
 pub fn rfc3339(ms: i64) -> Value {
-    match u64::try_from(ms) {
-        Ok(ms) => {
+    // humantime cannot format years past 9999; such values are shown as numbers.
+    match u64::try_from(ms)
+        .ok()
+        .filter(|&ms| ms <= crate::trust::MAX_TIME_MS as u64)
+    {
+        Some(ms) => {
             let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
             Value::String(humantime::format_rfc3339_millis(time).to_string())
         }
-        Err(_) => json!(ms),
+        None => json!(ms),
     }
 }
 
@@ -193,6 +197,12 @@ mod tests {
             json!("2023-11-14T22:13:20.123Z")
         );
         assert_eq!(rfc3339(-5), json!(-5));
+        // Regression: years past 9999 panicked in formatting.
+        assert_eq!(rfc3339(300_000_000_000_000), json!(300_000_000_000_000i64));
+        assert_eq!(
+            rfc3339(crate::trust::MAX_TIME_MS),
+            json!("9999-12-31T23:59:59.999Z")
+        );
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub struct Ledger {
     max_clock_skew_ms: i64,
     head: RwLock<Head>,
     size_tx: tokio::sync::watch::Sender<u64>,
+    /// Set after a storage failure: the in-memory head may no longer match the store, so the
+    /// ledger refuses further appends until it is restarted (and re-checks itself on open).
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl Ledger {
@@ -115,6 +118,7 @@ impl Ledger {
             max_clock_skew_ms: params.max_clock_skew_ms,
             head: RwLock::new(empty),
             size_tx,
+            failed: Default::default(),
         };
         let mut batch = Batch::new(&ledger.store, 0)?;
         let ledger_record = KeyRecord {
@@ -137,19 +141,22 @@ impl Ledger {
     /// rebuilt from them first: each entry is judged again and must get its recorded verdict.
     pub fn open(store: Store, ledger_key: SigningKey) -> Result<Self, LedgerError> {
         let genesis = read_genesis(&store)?;
-        if store.head()?.is_none() {
-            let signer = CheckpointSigner::new(&genesis.origin, ledger_key.clone())?;
-            rebuild(&store, &signer)?;
-        }
-        let head = store
-            .head()?
-            .ok_or_else(|| LedgerError::Mismatch("the store holds no ledger".into()))?;
+        // Check the key first: a rebuild signs checkpoints with it.
         if genesis.ledger_public_key != ledger_key.verifying_key().to_bytes() {
             return Err(LedgerError::Mismatch(
                 "the ledger key does not match the one the genesis names".into(),
             ));
         }
         let signer = CheckpointSigner::new(&genesis.origin, ledger_key)?;
+        if store.head()?.is_none() || store.rebuild_pending()? {
+            // A rebuild interrupted by a crash starts over: the marker is removed only with
+            // the last chunk.
+            store.drop_derived()?;
+            rebuild(&store, &signer)?;
+        }
+        let head = store
+            .head()?
+            .ok_or_else(|| LedgerError::Mismatch("the store holds no ledger".into()))?;
         let verifier = LedgerVerifier::parse(&signer.verifier_key())?;
         let verified = checkpoint::open(&head.checkpoint, &verifier)?;
         if verified.tree_size() != head.tree_size || verified.root() != head.root {
@@ -170,6 +177,7 @@ impl Ledger {
             max_clock_skew_ms: genesis.max_clock_skew_ms,
             head: RwLock::new(head),
             size_tx,
+            failed: Default::default(),
         })
     }
 
@@ -205,6 +213,21 @@ impl Ledger {
     /// refusal. Receipts are returned only after the batch is durable. A storage failure fails
     /// the whole batch and nothing in it is acknowledged.
     pub fn append_batch(
+        &self,
+        events: Vec<SignedEvent>,
+    ) -> Result<Vec<Result<Receipt, Refusal>>, StoreError> {
+        use std::sync::atomic::Ordering;
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(StoreError::Stopped);
+        }
+        let outcome = self.append_batch_unchecked(events);
+        if outcome.is_err() {
+            self.failed.store(true, Ordering::SeqCst);
+        }
+        outcome
+    }
+
+    fn append_batch_unchecked(
         &self,
         events: Vec<SignedEvent>,
     ) -> Result<Vec<Result<Receipt, Refusal>>, StoreError> {
@@ -393,6 +416,9 @@ fn rebuild(store: &Store, signer: &CheckpointSigner) -> Result<(), LedgerError> 
             };
             let evaluation =
                 judged.map_err(|refusal| corrupt(format!("would be refused: {refusal}")))?;
+            if let Some(earlier) = batch.event_seq(&event.event_id)? {
+                return Err(corrupt(format!("repeats the event_id of entry {earlier}")));
+            }
             if Some(&evaluation.verdict) != entry.verdict.as_ref() {
                 return Err(corrupt(
                     "the recorded verdict differs from the rules' verdict".into(),
@@ -406,6 +432,7 @@ fn rebuild(store: &Store, signer: &CheckpointSigner) -> Result<(), LedgerError> 
         store.commit(&batch.into_commit(signer.sign(tree_size, &root)))?;
         next = end;
     }
+    store.finish_rebuild()?;
     tracing::info!(entries = total, "rebuild complete");
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The `custody` command: a thin layer over the library.
 //!
-//! Exit codes: 0 success; 1 the server refused the request; 2 usage, I/O or connection error.
+//! Exit codes: 0 success; 1 the server refused the request, or verification failed; 2 usage,
+//! I/O or connection error; 3 verified, and the ledger records violations.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -63,7 +63,7 @@ fn rejudge_entry(
     state: &MemoryState,
     ledger_key: &[u8; 32],
     preverified: Option<&[u8; 32]>,
-) -> Result<trust::Evaluation, EntryFailure> {
+) -> Result<(trust::Evaluation, String), EntryFailure> {
     let signed = entry
         .event
         .clone()
@@ -86,7 +86,7 @@ fn rejudge_entry(
             recomputed: Box::new(evaluation.verdict),
         });
     }
-    Ok(evaluation)
+    Ok((evaluation, event.event_id))
 }
 
 fn malformed(message: impl Into<String>) -> TraceError {
@@ -153,9 +153,10 @@ pub fn verify_trace_bundle(
     }
     let mut state = MemoryState::new();
     let mut target = None;
+    let mut event_ids = std::collections::HashSet::new();
     for entry in &entries {
         let seq = entry.seq;
-        let evaluation = rejudge_entry(entry, &state, key.public_key(), None).map_err(
+        let (evaluation, event_id) = rejudge_entry(entry, &state, key.public_key(), None).map_err(
             |failure| match failure {
                 EntryFailure::Malformed(what) => malformed(format!("entry {seq}: {what}")),
                 EntryFailure::Refused(refusal) => TraceError::Refused { seq, refusal },
@@ -169,6 +170,11 @@ pub fn verify_trace_bundle(
                 },
             },
         )?;
+        if !event_ids.insert(event_id) {
+            return Err(malformed(format!(
+                "entry {seq} repeats an event_id of an earlier entry"
+            )));
+        }
         if seq == bundle.seq {
             target = Some(evaluation.verdict.clone());
         }
@@ -305,6 +311,8 @@ const CHUNK_ENTRIES: usize = 4096;
 /// verification on every core; everything else runs in ledger order.
 pub struct ExportVerifier {
     pending: Vec<Vec<u8>>,
+    /// First 16 bytes of SHA-256 of every event_id seen (16 bytes an entry).
+    event_ids: std::collections::HashSet<[u8; 16]>,
     checkpoint: checkpoint::VerifiedCheckpoint,
     previous: Option<checkpoint::VerifiedCheckpoint>,
     ledger_key: [u8; 32],
@@ -345,6 +353,7 @@ impl ExportVerifier {
         };
         Ok(Self {
             pending: Vec::with_capacity(CHUNK_ENTRIES),
+            event_ids: Default::default(),
             checkpoint,
             previous,
             ledger_key: *key.public_key(),
@@ -502,19 +511,34 @@ impl ExportVerifier {
                 "prev_hash is not the previous entry's leaf hash".into(),
             ));
         }
-        let evaluation = rejudge_entry(&entry, &self.state, &self.ledger_key, preverified)
-            .map_err(|failure| match failure {
-                EntryFailure::Malformed(what) => entry_failure(what),
-                EntryFailure::Refused(refusal) => IntegrityFailure::Refused { seq, refusal },
-                EntryFailure::VerdictMismatch {
-                    recorded,
-                    recomputed,
-                } => IntegrityFailure::VerdictMismatch {
-                    seq,
-                    recorded,
-                    recomputed,
+        let (evaluation, event_id) =
+            rejudge_entry(&entry, &self.state, &self.ledger_key, preverified).map_err(
+                |failure| match failure {
+                    EntryFailure::Malformed(what) => entry_failure(what),
+                    EntryFailure::Refused(refusal) => IntegrityFailure::Refused { seq, refusal },
+                    EntryFailure::VerdictMismatch {
+                        recorded,
+                        recomputed,
+                    } => IntegrityFailure::VerdictMismatch {
+                        seq,
+                        recorded,
+                        recomputed,
+                    },
                 },
-            })?;
+            )?;
+        // An event may be on the ledger once: a repeated event_id means an entry was replayed.
+        let id_digest: [u8; 16] = {
+            use sha2::Digest as _;
+            let digest = sha2::Sha256::digest(event_id.as_bytes());
+            let mut prefix = [0u8; 16];
+            prefix.copy_from_slice(&digest[..16]);
+            prefix
+        };
+        if !self.event_ids.insert(id_digest) {
+            return Err(entry_failure(format!(
+                "repeats event_id {event_id:?} of an earlier entry"
+            )));
+        }
         let leaf = merkle::leaf_hash(bytes);
         self.frontier.push(leaf);
         self.prev_leaf = leaf.0;

@@ -191,17 +191,23 @@ pub fn trace(ledger: &Ledger, seq: u64) -> Result<TraceBundle, Status> {
     {
         seqs.extend(token.chain.iter().copied());
         seqs.extend(token.consent_seq);
+        // Every link the rules walk: its issuance, its revocations, its consent and the
+        // consent's revocations (links may name other consents than the token's).
         let mut link = Some(token.clone());
         let mut walked = 0;
         while let Some(current) = link.take() {
+            seqs.insert(current.seq);
             seqs.extend(current.revocation_seqs.iter().copied());
+            if let Some(consent) = store.consent(&current.consent_id).map_err(storage)? {
+                seqs.insert(consent.seq);
+                seqs.extend(consent.revocation_seqs.iter().copied());
+            }
             walked += 1;
-            if !current.parent_token_id.is_empty() && walked < 256 {
+            if !current.parent_token_id.is_empty()
+                && walked <= trust::MAX_DELEGATION_DEPTH as usize + 2
+            {
                 link = store.token(&current.parent_token_id).map_err(storage)?;
             }
-        }
-        if let Some(consent) = store.consent(&token.consent_id).map_err(storage)? {
-            seqs.extend(consent.revocation_seqs.iter().copied());
         }
         let validations = keys::index_prefix(
             keys::FIELD_KIND,

@@ -33,6 +33,9 @@ pub fn refusal(refusal: &Refusal) -> Status {
 
 /// A storage failure: logged with its cause, reported as a generic `INTERNAL`.
 pub fn storage(error: &StoreError) -> Status {
+    if matches!(error, StoreError::Stopped) {
+        return Status::unavailable(error.to_string());
+    }
     tracing::error!(%error, "storage failure");
     Status::internal("internal storage error; the operation was not completed")
 }

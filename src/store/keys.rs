@@ -14,7 +14,7 @@
 //! | `c` | consent_id | `ConsentRecord` (protobuf) |
 //! | `t` | token_id | `TokenRecord` (protobuf) |
 //! | `x` | field tag, value, `0x00`, seq | empty: the secondary index for `Audit.Query` |
-//! | `m` | name | ledger metadata: `checkpoint` (newest signed note), `size` (its tree size) |
+//! | `m` | name | ledger metadata: `checkpoint` (newest signed note), `size` (its tree size), `rebuilding` (a rebuild is under way) |
 //!
 //! Only `e` is primary; everything else is derived from the entries and can be rebuilt.
 //! Index values never contain `0x00` (identifiers refuse control characters), so
@@ -67,6 +67,8 @@ pub fn index_seq(key: &[u8]) -> Option<u64> {
 pub const META_CHECKPOINT: &[u8] = b"checkpoint";
 /// Metadata name of the newest checkpoint's tree size (big-endian u64).
 pub const META_SIZE: &[u8] = b"size";
+/// Metadata name present while a rebuild of the derived data is under way.
+pub const META_REBUILDING: &[u8] = b"rebuilding";
 
 pub fn numbered(prefix: u8, number: u64) -> [u8; 9] {
     let mut key = [0u8; 9];

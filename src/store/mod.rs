@@ -26,6 +26,9 @@ pub enum StoreError {
     /// Another process (or a store not yet closed) holds the database directory.
     #[error("the database {0} is in use by another process")]
     Locked(std::path::PathBuf),
+    /// An earlier storage failure stopped the ledger's appends until it is restarted.
+    #[error("appends stopped after an earlier storage failure; restart the ledger")]
+    Stopped,
     /// Reading state for a rule failed.
     #[error("couldn't read state: {0}")]
     Read(String),
@@ -300,7 +303,9 @@ impl Store {
     }
 
     /// Deletes everything derived from the entries (hash pages, indexes, state, checkpoint),
-    /// keeping only the entries, and flushes. The ledger rebuilds the rest on open.
+    /// keeping only the entries, marks a rebuild as pending, and flushes. The ledger rebuilds
+    /// the rest on open; the mark stays until [`finish_rebuild`](Self::finish_rebuild), so a
+    /// rebuild cut short by a crash starts over.
     pub fn drop_derived(&self) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for item in self.tree.iter().keys() {
@@ -309,7 +314,23 @@ impl Store {
                 batch.remove(key);
             }
         }
+        batch.insert(keys::named(keys::META, keys::META_REBUILDING), &[]);
         self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Whether a rebuild was started and not finished.
+    pub fn rebuild_pending(&self) -> Result<bool, StoreError> {
+        Ok(self
+            .tree
+            .contains_key(keys::named(keys::META, keys::META_REBUILDING))?)
+    }
+
+    /// Clears the rebuild mark (after the last rebuilt chunk is committed) and flushes.
+    pub fn finish_rebuild(&self) -> Result<(), StoreError> {
+        self.tree
+            .remove(keys::named(keys::META, keys::META_REBUILDING))?;
         self.db.flush()?;
         Ok(())
     }

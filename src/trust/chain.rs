@@ -15,8 +15,10 @@ use super::{
 
 type Outcome = Result<Result<Evaluation, Refusal>, ViewError>;
 
-/// Longest chain walked; a longer one cannot pass any consent's depth limit anyway.
-const MAX_CHAIN_WALK: usize = 256;
+/// Longest chain walked. Consents allow at most `MAX_DELEGATION_DEPTH` (64) hops, so every
+/// link of a chain that can trace is walked; a longer chain is already a violation
+/// (DELEGATION_TOO_DEEP) at the hop that exceeded its consent's depth.
+const MAX_CHAIN_WALK: usize = super::limits::MAX_DELEGATION_DEPTH as usize + 2;
 
 fn conflict(message: String) -> Outcome {
     Ok(Err(Refusal::Conflict(message)))

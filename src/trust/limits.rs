@@ -15,6 +15,19 @@ pub const MAX_ID_LEN: usize = 512;
 pub const MAX_TEXT_LEN: usize = 4096;
 /// Most members of a repeated field (scopes, audiences, allowed delegates).
 pub const MAX_REPEATED: usize = 256;
+/// Largest `max_delegation_depth` a consent may allow; chain walks are bounded by it.
+pub const MAX_DELEGATION_DEPTH: u32 = 64;
+/// Latest time any `*_ms` field may name: 9999-12-31T23:59:59.999Z.
+pub const MAX_TIME_MS: i64 = 253_402_300_799_999;
+
+fn time(field: &str, value: i64) -> Result<(), Refusal> {
+    if !(0..=MAX_TIME_MS).contains(&value) {
+        return Err(malformed(format!(
+            "{field} must be a Unix time in ms between 0 and {MAX_TIME_MS}"
+        )));
+    }
+    Ok(())
+}
 
 fn malformed(message: String) -> Refusal {
     Refusal::Malformed(message)
@@ -120,6 +133,8 @@ pub fn validate_event(event: &Event, payload_len: usize) -> Result<(), Refusal> 
                 Ok(_) => {}
             }
             required_id("principal", &grant.principal)?;
+            time("not_before_ms", grant.not_before_ms)?;
+            time("not_after_ms", grant.not_after_ms)?;
             if grant.not_after_ms != 0 && grant.not_after_ms <= grant.not_before_ms {
                 return Err(malformed(
                     "not_after_ms must be 0 or after not_before_ms".into(),
@@ -139,10 +154,11 @@ pub fn validate_event(event: &Event, payload_len: usize) -> Result<(), Refusal> 
             ids("allowed_delegates", &consent.allowed_delegates)?;
             check_len("purpose", &consent.purpose, MAX_TEXT_LEN)?;
             hash("consent_text_sha256", &consent.consent_text_sha256, false)?;
-            if consent.expires_at_ms < 0 {
-                return Err(malformed(
-                    "expires_at_ms must be 0 (no end) or a Unix time in ms".into(),
-                ));
+            time("expires_at_ms", consent.expires_at_ms)?;
+            if consent.max_delegation_depth > MAX_DELEGATION_DEPTH {
+                return Err(malformed(format!(
+                    "max_delegation_depth may be at most {MAX_DELEGATION_DEPTH}"
+                )));
             }
         }
         Body::Issuance(issuance) => {
@@ -155,6 +171,8 @@ pub fn validate_event(event: &Event, payload_len: usize) -> Result<(), Refusal> 
             ids("scopes", &issuance.scopes)?;
             ids("audiences", &issuance.audiences)?;
             optional_id("grant_type", &issuance.grant_type)?;
+            time("not_before_ms", issuance.not_before_ms)?;
+            time("expires_at_ms", issuance.expires_at_ms)?;
             if issuance.expires_at_ms <= 0 || issuance.expires_at_ms <= issuance.not_before_ms {
                 return Err(malformed(
                     "a token needs expires_at_ms > 0 and after not_before_ms".into(),

@@ -25,7 +25,8 @@ pub mod scopes;
 
 pub use keys::{authorize, key_valid_at, KeyRecord, GENESIS_ADMIN_PRINCIPAL};
 pub use limits::{
-    validate_event, MAX_EVENT_ID_LEN, MAX_ID_LEN, MAX_PAYLOAD_LEN, MAX_REPEATED, MAX_TEXT_LEN,
+    validate_event, MAX_DELEGATION_DEPTH, MAX_EVENT_ID_LEN, MAX_ID_LEN, MAX_PAYLOAD_LEN,
+    MAX_REPEATED, MAX_TEXT_LEN, MAX_TIME_MS,
 };
 pub use memory::MemoryState;
 pub use records::{ConsentRecord, TokenRecord};

@@ -39,7 +39,7 @@ pub const EXPIRY_EXCEEDS_PARENT: &str = "EXPIRY_EXCEEDS_PARENT";
 /// A resource server accepted a token whose hash differs from the issued one.
 pub const TOKEN_HASH_MISMATCH: &str = "TOKEN_HASH_MISMATCH";
 
-/// Every reason code with what it means, in the order rules check them.
+/// Every reason code with what it means.
 pub const ALL: &[(&str, &str)] = &[
     (UNKNOWN_TOKEN, "the token (or the parent of a delegated token) was never issued on this ledger"),
     (UNTRACED_PARENT, "a delegated token's parent was itself issued in violation of the rules"),
@@ -66,7 +66,8 @@ pub fn markdown_table() -> String {
     let mut out = String::from(
         "# Verdict reason codes\n\n\
          Generated from `src/trust/reasons.rs` (a unit test keeps this file equal to it).\n\
-         A verdict names every rule that failed, in this order.\n\n\
+         A verdict names every rule that failed, each once, in the order that event kind's\n\
+         rules are checked (`src/trust/chain.rs`).\n\n\
          | code | meaning |\n| --- | --- |\n",
     );
     for (code, meaning) in ALL {

@@ -189,6 +189,17 @@ fn limits_refuse_malformed_events() {
     );
     assert!(validate_event(&grant(strong, Role::Unspecified), 10).is_err());
     assert!(validate_event(&grant(vec![0; 31], Role::User), 10).is_err());
+    // Delegation depth and times are bounded (chain walks and time formatting rely on it).
+    let deep = Consent {
+        max_delegation_depth: MAX_DELEGATION_DEPTH + 1,
+        ..base_consent()
+    };
+    assert!(validate_event(&event(Body::Consent(deep)), 10).is_err());
+    let far = Issuance {
+        expires_at_ms: MAX_TIME_MS + 1,
+        ..direct()
+    };
+    assert!(validate_event(&event(Body::Issuance(far)), 10).is_err());
     // A token must expire, after it starts.
     let mut token = direct();
     token.expires_at_ms = 0;

@@ -190,6 +190,43 @@ async fn exports_verify_and_every_kind_of_tampering_fails() {
         Err(IntegrityFailure::Count { .. })
     ));
 
+    // An operator replays an existing signed event as a new entry and re-signs the checkpoint
+    // with the real ledger key: the tree is consistent, but the event_id repeats.
+    {
+        use prost::Message as _;
+        let seed = std::fs::read_to_string(ledger.data_dir().join("ledger.key")).unwrap();
+        let ledger_key = custody::server::parse_seed(&seed).unwrap();
+        let signer = CheckpointSigner::new(key.origin(), ledger_key).unwrap();
+        let mut tree = custody::merkle::Frontier::new();
+        for entry in &entries {
+            tree.push(custody::merkle::leaf_hash(entry));
+        }
+        // An action: replaying it conflicts with no state, only the event_id repeats.
+        let action_at = entries
+            .iter()
+            .position(|e| custody::inspect::entry_json(e)["event"]["kind"] == "action")
+            .unwrap();
+        let replayed_from = custody::proto::Entry::decode(entries[action_at].as_slice()).unwrap();
+        let last = custody::merkle::leaf_hash(entries.last().unwrap());
+        let replay = custody::proto::Entry {
+            seq: entries.len() as u64,
+            prev_hash: last.0.to_vec(),
+            ..replayed_from
+        }
+        .encode_to_vec();
+        tree.push(custody::merkle::leaf_hash(&replay));
+        let mut head = Vec::new();
+        export::write_header(&mut head, &signer.sign(tree.size(), &tree.root())).unwrap();
+        let mut all = entries.clone();
+        all.push(replay);
+        let replayed = join_export(&head, &all);
+        let outcome = verify_bytes(&replayed, &key, None);
+        assert!(
+            matches!(&outcome, Err(IntegrityFailure::Entry { what, .. }) if what.contains("repeats event_id")),
+            "{outcome:?}"
+        );
+    }
+
     // A checkpoint re-signed by another key (same origin, same root).
     let note = ledger.checkpoint().await;
     let impostor = CheckpointSigner::new(key.origin(), crate::support::key(200)).unwrap();

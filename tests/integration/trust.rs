@@ -253,3 +253,63 @@ async fn trace_bundles_verify_offline_and_tampering_is_caught() {
     let status = audit.trace(TraceRequest { seq: 10_000 }).await.unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange);
 }
+
+#[tokio::test]
+async fn trace_bundles_carry_every_consent_a_mismatched_chain_names() {
+    // Regression: a hop naming another consent than its parent's left the parent's consent
+    // out of the bundle, and the offline verifier could not recompute the parent's verdict.
+    let ledger = TestLedger::start().await;
+    register(&ledger, &["alice"], &["mail.example"]).await;
+    let (iss, alice, mail) = (issuer(), user("alice"), server("mail.example"));
+    ledger
+        .append_ok(
+            &alice,
+            &event("c1", consent_body("c1", "alice", "assistant", 2)),
+        )
+        .await;
+    ledger
+        .append_ok(
+            &alice,
+            &event("c2", consent_body("c2", "alice", "assistant", 2)),
+        )
+        .await;
+    ledger
+        .append_ok(
+            &iss,
+            &event(
+                "t1",
+                issuance("t1", "c1", "", "alice", "assistant", &["mail:read"], 5),
+            ),
+        )
+        .await;
+    let t2 = ledger
+        .append_ok(
+            &iss,
+            &event(
+                "t2",
+                issuance("t2", "c2", "t1", "alice", "helper", &["mail:read"], 4),
+            ),
+        )
+        .await;
+    assert_eq!(
+        t2.verdict.clone().unwrap().reasons,
+        vec!["CONSENT_MISMATCH".to_string()]
+    );
+    let act = ledger
+        .append_ok(
+            &mail,
+            &event("a", action("t2", "mail.example", "mail:read")),
+        )
+        .await;
+    let key = LedgerVerifier::parse(&ledger.verifier_key).unwrap();
+    for seq in [t2.seq, act.seq] {
+        let bundle = ledger
+            .audit()
+            .await
+            .trace(TraceRequest { seq })
+            .await
+            .unwrap()
+            .into_inner();
+        verify_trace_bundle(&bundle, &key).unwrap_or_else(|e| panic!("bundle of {seq}: {e}"));
+    }
+}
