@@ -22,6 +22,8 @@ use super::status;
 pub const DEFAULT_QUERY_LIMIT: u32 = 100;
 /// Most entries one query page returns, whatever the request asks.
 pub const MAX_QUERY_LIMIT: u32 = 1000;
+/// Most candidate entries one query page examines before it stops (see `query`).
+pub const MAX_QUERY_SCAN: usize = 200_000;
 /// Most validations of the traced token a trace bundle carries (newest first).
 pub const MAX_TRACE_VALIDATIONS: usize = 64;
 
@@ -53,8 +55,19 @@ fn stored_entry(ledger: &Ledger, seq: u64) -> Result<(StoredEntry, crate::proto:
 }
 
 /// Answers a query: entries matching every given filter, newest first unless ascending, at
-/// most `limit` (capped by [`MAX_QUERY_LIMIT`]).
+/// most `limit` (capped by [`MAX_QUERY_LIMIT`]). At most [`MAX_QUERY_SCAN`] candidates are
+/// examined: past that a partial page is returned, or, if nothing matched yet,
+/// `RESOURCE_EXHAUSTED` naming the seq to resume from.
 pub fn query(ledger: &Ledger, request: &QueryRequest) -> Result<Vec<StoredEntry>, Status> {
+    query_scanning(ledger, request, MAX_QUERY_SCAN)
+}
+
+/// [`query`] examining at most `max_scan` candidate entries.
+pub fn query_scanning(
+    ledger: &Ledger,
+    request: &QueryRequest,
+    max_scan: usize,
+) -> Result<Vec<StoredEntry>, Status> {
     let mut kinds = Vec::with_capacity(request.kinds.len());
     for &kind in &request.kinds {
         match EventKind::try_from(kind) {
@@ -131,8 +144,27 @@ pub fn query(ledger: &Ledger, request: &QueryRequest) -> Result<Vec<StoredEntry>
         }
     };
     let mut found = Vec::new();
+    let mut scanned = 0usize;
     'candidates: for candidate in candidates {
         let seq = candidate.map_err(storage)?;
+        scanned += 1;
+        if scanned > max_scan {
+            // Bound the work of one request. A partial page lets the client resume from its
+            // last seq; an empty one gets an error naming where to resume.
+            if found.is_empty() {
+                let (field, value) = if request.ascending {
+                    ("after_seq", seq.saturating_sub(1))
+                } else {
+                    ("before_seq", seq.saturating_add(1))
+                };
+                return Err(Status::resource_exhausted(format!(
+                    "scanned {max_scan} candidate entries without a match; narrow the filters \
+                     (user, agent, token, consent, resource server, one kind, status) or resume \
+                     with {field} = {value}"
+                )));
+            }
+            break;
+        }
         for term in terms.iter().skip(1) {
             let mut key = term.clone();
             key.extend_from_slice(&seq.to_be_bytes());

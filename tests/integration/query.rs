@@ -423,3 +423,40 @@ async fn query_agrees_with_a_brute_force_filter_on_random_combinations() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
 }
+
+#[tokio::test]
+async fn a_query_stops_after_its_scan_budget_and_says_where_to_resume() {
+    use custody::service::read::query_scanning;
+    let ledger = TestLedger::start().await;
+    mixed_ledger(&ledger, 10, 7).await;
+    let dir = ledger.stop().await;
+    let mut config = custody::server::Config::new(dir.path().join("data"));
+    config.admin_public_key = Some(key(1).verifying_key().to_bytes());
+    let (opened, _) = custody::server::open_ledger(&config).unwrap();
+    // Two kinds (no index term) and a time range nothing matches: every entry is a candidate.
+    let request = QueryRequest {
+        kinds: vec![EventKind::Action as i32, EventKind::Denial as i32],
+        from_ms: now() + 3_600_000,
+        ..QueryRequest::default()
+    };
+    let status = query_scanning(&opened, &request, 5).unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    let size = opened.head().tree_size;
+    assert!(
+        status
+            .message()
+            .contains(&format!("before_seq = {}", size - 5)),
+        "{status:?}"
+    );
+    // With matches in the budget, a partial page comes back instead.
+    let some = QueryRequest {
+        kinds: request.kinds.clone(),
+        ..QueryRequest::default()
+    };
+    let page = query_scanning(&opened, &some, 20).unwrap();
+    assert!(!page.is_empty() && page.len() <= 20);
+    // A budget that covers everything answers fully.
+    assert!(query_scanning(&opened, &request, 1_000_000)
+        .unwrap()
+        .is_empty());
+}
