@@ -233,9 +233,26 @@ impl Ledger {
     ) -> Result<Vec<Result<Receipt, Refusal>>, StoreError> {
         let now = now_ms();
         let mut batch = Batch::new(&self.store, self.head().tree_size)?;
+        // Decode once, then check every signature of the batch on every core.
+        let decoded: Vec<Result<Event, prost::DecodeError>> = events
+            .iter()
+            .map(|signed| Event::decode(signed.payload.as_slice()))
+            .collect();
+        let preverified = trust::preverify(
+            events
+                .iter()
+                .zip(&decoded)
+                .map(|(signed, event)| (signed, event.as_ref().ok())),
+            |key_id| {
+                let record = self.store.key(key_id).ok().flatten()?;
+                <[u8; 32]>::try_from(record.public_key.as_slice()).ok()
+            },
+            // Strict, so the server accepts exactly what a rebuild (strict) accepts.
+            trust::Check::Strict,
+        );
         let mut outcomes = Vec::with_capacity(events.len());
-        for signed in events {
-            outcomes.push(self.admit(signed, now, &mut batch)?);
+        for ((signed, event), preverified) in events.into_iter().zip(decoded).zip(preverified) {
+            outcomes.push(self.admit(signed, event, preverified, now, &mut batch)?);
         }
         let head = if batch.entries.is_empty() {
             self.head()
@@ -275,10 +292,12 @@ impl Ledger {
     fn admit(
         &self,
         signed: SignedEvent,
+        event: Result<Event, prost::DecodeError>,
+        preverified: Option<[u8; 32]>,
         now: i64,
         batch: &mut Batch<'_>,
     ) -> Result<Admitted, StoreError> {
-        match self.check(&signed, now, batch)? {
+        match self.check(&signed, event, preverified, now, batch)? {
             Err(refusal) => Ok(Admitted::Refused(refusal)),
             Ok(Checked::Duplicate { event_id, seq }) => Ok(Admitted::Duplicate { event_id, seq }),
             Ok(Checked::Accepted { event, evaluation }) => {
@@ -300,10 +319,12 @@ impl Ledger {
     fn check(
         &self,
         signed: &SignedEvent,
+        event: Result<Event, prost::DecodeError>,
+        preverified: Option<[u8; 32]>,
         now: i64,
         batch: &Batch<'_>,
     ) -> Result<Result<Checked, Refusal>, StoreError> {
-        let event = match Event::decode(signed.payload.as_slice()) {
+        let event = match event {
             Ok(event) => event,
             Err(e) => {
                 return Ok(Err(Refusal::Malformed(format!(
@@ -323,11 +344,12 @@ impl Ledger {
                 }));
             }
         }
-        let signer =
-            match trust::authenticate(signed, &event, batch, None).map_err(view_store_error)? {
-                Ok(signer) => signer,
-                Err(refusal) => return Ok(Err(refusal)),
-            };
+        let signer = match trust::authenticate(signed, &event, batch, preverified.as_ref())
+            .map_err(view_store_error)?
+        {
+            Ok(signer) => signer,
+            Err(refusal) => return Ok(Err(refusal)),
+        };
         if let Some(seq) = earlier {
             return Ok(Err(Refusal::EventIdReused {
                 event_id: event.event_id,

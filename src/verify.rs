@@ -406,82 +406,31 @@ impl ExportVerifier {
     /// signature verified under. Only a hint: `judge` checks the key is the registered one and
     /// verifies strictly otherwise.
     fn preverify(&self, entries: &[Option<Entry>]) -> Vec<Option<[u8; 32]>> {
-        use crate::proto::event::Body;
         use crate::trust::TrustView as _;
-        let mut granted: std::collections::HashMap<String, [u8; 32]> = Default::default();
-        let mut keyed: Vec<Option<(usize, [u8; 32])>> = Vec::with_capacity(entries.len());
-        for (i, entry) in entries.iter().enumerate() {
-            let signed = entry.as_ref().and_then(|e| e.event.as_ref());
-            let key = signed.and_then(|signed| {
-                if entry.as_ref().is_some_and(|e| e.seq == 0) {
-                    return Some(self.ledger_key);
-                }
-                if let Some(key) = granted.get(&signed.key_id) {
-                    return Some(*key);
-                }
-                let record = self.state.key(&signed.key_id).ok().flatten()?;
-                <[u8; 32]>::try_from(record.public_key.as_slice()).ok()
-            });
-            if let Some(Ok(Event {
-                body: Some(Body::KeyGrant(grant)),
-                ..
-            })) = signed.map(|s| Event::decode(s.payload.as_slice()))
-            {
-                if let Ok(key) = <[u8; 32]>::try_from(grant.public_key.as_slice()) {
-                    granted.insert(crate::envelope::key_id(&key), key);
-                }
-            }
-            keyed.push(key.map(|k| (i, k)));
-        }
-        let items: Vec<(usize, [u8; 32], crate::envelope::BatchItem<'_>)> = keyed
-            .into_iter()
-            .flatten()
-            .filter_map(|(i, key)| {
-                let signed = entries[i].as_ref()?.event.as_ref()?;
-                let verifying = crate::envelope::parse_public_key(&key).ok()?;
-                Some((
-                    i,
-                    key,
-                    crate::envelope::BatchItem {
-                        key: verifying,
-                        payload: &signed.payload,
-                        signature: &signed.signature,
-                    },
-                ))
+        let decoded: Vec<Option<(&crate::proto::SignedEvent, Option<Event>)>> = entries
+            .iter()
+            .map(|entry| {
+                let signed = entry.as_ref()?.event.as_ref()?;
+                Some((signed, Event::decode(signed.payload.as_slice()).ok()))
             })
             .collect();
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per_thread = items.len().div_ceil(threads).max(1);
-        let mut preverified = vec![None; entries.len()];
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = items
-                .chunks(per_thread)
-                .map(|part| {
-                    scope.spawn(move || {
-                        let batch: Vec<crate::envelope::BatchItem<'_>> = part
-                            .iter()
-                            .map(|(_, _, item)| crate::envelope::BatchItem {
-                                key: item.key,
-                                payload: item.payload,
-                                signature: item.signature,
-                            })
-                            .collect();
-                        let results = crate::envelope::verify_batch(&batch);
-                        part.iter()
-                            .zip(results)
-                            .map(|((i, key, _), ok)| (*i, ok.then_some(*key)))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            for handle in handles {
-                // A panic in a verification thread leaves those entries to strict verification.
-                for (i, key) in handle.join().unwrap_or_default() {
-                    preverified[i] = key;
+        // Entries that cannot be checked stand in as a signature that matches no key.
+        let placeholder = crate::proto::SignedEvent::default();
+        let ledger_key_id = crate::envelope::key_id(&self.ledger_key);
+        trust::preverify(
+            decoded.iter().map(|item| match item {
+                Some((signed, event)) => (*signed, event.as_ref()),
+                None => (&placeholder, None),
+            }),
+            |key_id| {
+                if key_id == ledger_key_id {
+                    return Some(self.ledger_key);
                 }
-            }
-        });
-        preverified
+                let record = self.state.key(key_id).ok().flatten()?;
+                <[u8; 32]>::try_from(record.public_key.as_slice()).ok()
+            },
+            trust::Check::Batch,
+        )
     }
 
     /// Judges one entry in ledger order.

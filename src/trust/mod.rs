@@ -19,6 +19,7 @@ mod chain;
 mod keys;
 mod limits;
 mod memory;
+mod preverify;
 pub mod reasons;
 mod records;
 pub mod scopes;
@@ -29,6 +30,7 @@ pub use limits::{
     MAX_REPEATED, MAX_TEXT_LEN, MAX_TIME_MS,
 };
 pub use memory::MemoryState;
+pub use preverify::{preverify, Check};
 pub use records::{ConsentRecord, TokenRecord};
 
 use crate::envelope;
