@@ -46,6 +46,19 @@ pub fn sign_payload(signing_key: &SigningKey, payload: &[u8]) -> [u8; 64] {
     signing_key.sign(&pae(PAYLOAD_TYPE, payload)).to_bytes()
 }
 
+/// Encodes `event` and signs it: the `SignedEvent` a client submits.
+pub fn sign_event(
+    signing_key: &SigningKey,
+    event: &crate::proto::Event,
+) -> crate::proto::SignedEvent {
+    let payload = prost::Message::encode_to_vec(event);
+    crate::proto::SignedEvent {
+        signature: sign_payload(signing_key, &payload).to_vec(),
+        key_id: key_id(&signing_key.verifying_key().to_bytes()),
+        payload,
+    }
+}
+
 /// Why a public key or a signature was not accepted. A value, so callers can match on it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

@@ -100,12 +100,7 @@ impl Ledger {
         };
         trust::validate_event(&event, event.encoded_len())
             .map_err(|e| LedgerError::Mismatch(format!("invalid genesis: {e}")))?;
-        let payload = event.encode_to_vec();
-        let signed = SignedEvent {
-            signature: envelope::sign_payload(&ledger_key, &payload).to_vec(),
-            key_id: envelope::key_id(&ledger_key.verifying_key().to_bytes()),
-            payload,
-        };
+        let signed = envelope::sign_event(&ledger_key, &event);
         let empty = Head {
             tree_size: 0,
             root: merkle::EMPTY_ROOT,
@@ -729,15 +724,6 @@ mod tests {
     use super::*;
     use crate::proto::{KeyGrant, Role};
 
-    fn signed(key: &SigningKey, event: &Event) -> SignedEvent {
-        let payload = event.encode_to_vec();
-        SignedEvent {
-            signature: envelope::sign_payload(key, &payload).to_vec(),
-            key_id: envelope::key_id(&key.verifying_key().to_bytes()),
-            payload,
-        }
-    }
-
     #[test]
     fn a_batch_is_one_commit_with_one_checkpoint_and_refusals_do_not_disturb_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -767,7 +753,9 @@ mod tests {
                 not_after_ms: 0,
             })),
         };
-        let mut events: Vec<_> = (0..10).map(|i| signed(&admin, &grant(i))).collect();
+        let mut events: Vec<_> = (0..10)
+            .map(|i| envelope::sign_event(&admin, &grant(i)))
+            .collect();
         events[4].signature[0] ^= 1;
         let outcomes = ledger.append_batch(events).unwrap();
         let receipts: Vec<_> = outcomes.iter().filter_map(|o| o.as_ref().ok()).collect();

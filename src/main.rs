@@ -14,8 +14,8 @@ use prost::Message as _;
 use custody::checkpoint::LedgerVerifier;
 use custody::proto::{
     audit_client::AuditClient, event, ledger_client::LedgerClient, Event, EventKind,
-    GetCheckpointRequest, GetEntriesRequest, KeyGrant, QueryRequest, Receipt, Role, SignedEvent,
-    TraceBundle, TraceRequest, TraceStatus,
+    GetCheckpointRequest, GetEntriesRequest, KeyGrant, QueryRequest, Receipt, Role, TraceBundle,
+    TraceRequest, TraceStatus,
 };
 use custody::server::{self, Config, KeyPairJson};
 use custody::store::Store;
@@ -487,12 +487,7 @@ async fn run(cli: Cli) -> anyhow::Result<Result<(), Failure>> {
                     not_after_ms,
                 })),
             };
-            let payload = event.encode_to_vec();
-            let signed = SignedEvent {
-                signature: envelope::sign_payload(&signing_key, &payload).to_vec(),
-                key_id: pair.key_id.clone(),
-                payload,
-            };
+            let signed = envelope::sign_event(&signing_key, &event);
             let mut client = LedgerClient::connect(server.clone())
                 .await
                 .with_context(|| format!("couldn't connect to {server}"))?;

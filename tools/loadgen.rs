@@ -21,7 +21,6 @@ use custody::proto::{
 };
 use custody::server::KeyPairJson;
 use ed25519_dalek::SigningKey;
-use prost::Message as _;
 use sha2::Digest as _;
 use tokio_stream::StreamExt as _;
 
@@ -51,15 +50,6 @@ struct Args {
     run: String,
 }
 
-fn sign(key: &SigningKey, event: &Event) -> SignedEvent {
-    let payload = event.encode_to_vec();
-    SignedEvent {
-        signature: envelope::sign_payload(key, &payload).to_vec(),
-        key_id: envelope::key_id(&key.verifying_key().to_bytes()),
-        payload,
-    }
-}
-
 fn now_ms() -> i64 {
     custody::ledger::now_ms()
 }
@@ -83,7 +73,7 @@ fn session(keys: &Keys, run: &str, n: usize) -> Vec<SignedEvent> {
     };
     let mut out = Vec::with_capacity(12);
     let consent_id = id("consent");
-    out.push(sign(
+    out.push(envelope::sign_event(
         &keys.users[user_index],
         &event(
             "consent",
@@ -111,7 +101,7 @@ fn session(keys: &Keys, run: &str, n: usize) -> Vec<SignedEvent> {
             1 => vec!["mail:read".into(), "cal:read".into()],
             _ => vec!["mail:read:inbox".into()],
         };
-        out.push(sign(
+        out.push(envelope::sign_event(
             &keys.issuer,
             &event(
                 &format!("issue{hop}"),
@@ -145,7 +135,7 @@ fn session(keys: &Keys, run: &str, n: usize) -> Vec<SignedEvent> {
     let (server_name, server_key) = &keys.servers[0];
     let last = tokens.last().cloned().unwrap_or_default();
     for v in 0..2 {
-        out.push(sign(
+        out.push(envelope::sign_event(
             server_key,
             &event(
                 &format!("val{v}"),
@@ -160,7 +150,7 @@ fn session(keys: &Keys, run: &str, n: usize) -> Vec<SignedEvent> {
         ));
     }
     for a in 0..4 {
-        out.push(sign(
+        out.push(envelope::sign_event(
             server_key,
             &event(
                 &format!("act{a}"),
@@ -180,7 +170,7 @@ fn session(keys: &Keys, run: &str, n: usize) -> Vec<SignedEvent> {
         ));
     }
     if n.is_multiple_of(3) {
-        out.push(sign(
+        out.push(envelope::sign_event(
             server_key,
             &event(
                 "deny",
@@ -197,7 +187,7 @@ fn session(keys: &Keys, run: &str, n: usize) -> Vec<SignedEvent> {
         ));
     }
     if n.is_multiple_of(10) {
-        out.push(sign(
+        out.push(envelope::sign_event(
             &keys.issuer,
             &event(
                 "revoke",
@@ -252,7 +242,7 @@ async fn main() -> anyhow::Result<()> {
     let grant_events: Vec<SignedEvent> = grants
         .iter()
         .map(|(key, role, principal)| {
-            sign(
+            envelope::sign_event(
                 &admin,
                 &Event {
                     event_id: format!(

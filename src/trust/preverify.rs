@@ -112,16 +112,6 @@ mod tests {
     use super::*;
     use crate::proto::{KeyGrant, Role};
     use ed25519_dalek::SigningKey;
-    use prost::Message as _;
-
-    fn signed(key: &SigningKey, event: &Event) -> SignedEvent {
-        let payload = event.encode_to_vec();
-        SignedEvent {
-            signature: envelope::sign_payload(key, &payload).to_vec(),
-            key_id: envelope::key_id(&key.verifying_key().to_bytes()),
-            payload,
-        }
-    }
 
     #[test]
     fn follows_grants_within_the_run_and_flags_bad_signatures() {
@@ -143,15 +133,15 @@ mod tests {
             body: None,
         };
         let events = [
-            (signed(&admin, &grant), Some(grant.clone())),
-            (signed(&fresh, &other), Some(other.clone())),
+            (envelope::sign_event(&admin, &grant), Some(grant.clone())),
+            (envelope::sign_event(&fresh, &other), Some(other.clone())),
             (
-                signed(&SigningKey::from_bytes(&[3; 32]), &other),
+                envelope::sign_event(&SigningKey::from_bytes(&[3; 32]), &other),
                 Some(other.clone()),
             ),
             (
                 {
-                    let mut bad = signed(&fresh, &other);
+                    let mut bad = envelope::sign_event(&fresh, &other);
                     bad.signature[0] ^= 1;
                     bad
                 },

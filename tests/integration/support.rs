@@ -125,7 +125,7 @@ impl TestLedger {
 
 /// Signs `event` with `signer`.
 pub fn sign(signer: &SigningKey, event: &Event) -> SignedEvent {
-    sign_payload(signer, event.encode_to_vec())
+    envelope::sign_event(signer, event)
 }
 
 pub fn sign_payload(signer: &SigningKey, payload: Vec<u8>) -> SignedEvent {
