@@ -241,6 +241,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     let (queue, commit_task) = CommitQueue::start(ledger.clone(), queue_limits);
+    // Long-lived streams (Watch, AppendStream) end when this turns true, so the server can
+    // drain instead of waiting for clients to hang up.
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        closing_tx.send_replace(true);
+    };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<LedgerServer<LedgerService>>().await;
     health.set_serving::<AuditServer<AuditService>>().await;
@@ -260,11 +267,11 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            LedgerServer::new(LedgerService::new(queue))
+            LedgerServer::new(LedgerService::new(queue, closing.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            AuditServer::new(AuditService::new(ledger.clone()))
+            AuditServer::new(AuditService::new(ledger.clone(), closing))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(incoming, shutdown)

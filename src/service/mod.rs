@@ -38,13 +38,24 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 #[derive(Clone)]
 pub struct LedgerService {
     queue: CommitQueue,
+    /// Turns true when the server shuts down: open streams stop taking new events.
+    closing: Closing,
 }
 
 impl LedgerService {
-    /// A service that submits to `queue`.
-    pub fn new(queue: CommitQueue) -> Self {
-        Self { queue }
+    /// A service that submits to `queue` until `closing` turns true.
+    pub fn new(queue: CommitQueue, closing: Closing) -> Self {
+        Self { queue, closing }
     }
+}
+
+/// Tells long-lived streams that the server is shutting down (true) so they can end and the
+/// server can drain.
+pub type Closing = tokio::sync::watch::Receiver<bool>;
+
+/// Resolves once `closing` turns true (or its sender is gone).
+async fn closed(mut closing: Closing) {
+    let _ = closing.wait_for(|&closing| closing).await;
 }
 
 async fn await_reply(rx: oneshot::Receiver<commit_queue::Reply>) -> commit_queue::Reply {
@@ -69,8 +80,16 @@ impl LedgerRpc for LedgerService {
         // Pending replies in submission order; bounded, so a stream cannot queue without limit.
         let (pending_tx, mut pending_rx) = mpsc::channel(MAX_IN_FLIGHT_PER_STREAM);
         let (out_tx, out_rx) = mpsc::channel(STREAM_BUFFER);
+        let closing = self.closing.clone();
         tokio::spawn(async move {
-            while let Some(item) = inbound.next().await {
+            // At shutdown, stop reading new events; those already queued still get receipts.
+            let mut closing = std::pin::pin!(closed(closing));
+            loop {
+                let item = tokio::select! {
+                    item = inbound.next() => item,
+                    () = &mut closing => break,
+                };
+                let Some(item) = item else { break };
                 let Ok(event) = item else { break };
                 let pending = match queue.submit(event).await {
                     Ok(rx) => rx,
@@ -107,12 +126,14 @@ impl LedgerRpc for LedgerService {
 #[derive(Clone)]
 pub struct AuditService {
     ledger: Arc<Ledger>,
+    /// Turns true when the server shuts down: `Watch` streams end.
+    closing: Closing,
 }
 
 impl AuditService {
-    /// A service reading `ledger`.
-    pub fn new(ledger: Arc<Ledger>) -> Self {
-        Self { ledger }
+    /// A service reading `ledger`; its `Watch` streams end when `closing` turns true.
+    pub fn new(ledger: Arc<Ledger>, closing: Closing) -> Self {
+        Self { ledger, closing }
     }
 
     fn stored_entry(&self, seq: u64) -> Result<StoredEntry, Status> {
@@ -307,6 +328,7 @@ impl Audit for AuditService {
         }
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let ledger = self.ledger.clone();
+        let closing = self.closing.clone();
         tokio::spawn(async move {
             let mut next = start;
             loop {
@@ -320,6 +342,7 @@ impl Audit for AuditService {
                 tokio::select! {
                     changed = sizes.changed() => if changed.is_err() { return },
                     () = tx.closed() => return,
+                    () = closed(closing.clone()) => return,
                 }
             }
         });

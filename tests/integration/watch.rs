@@ -53,3 +53,35 @@ async fn watch_replays_existing_entries_then_follows_new_ones() {
         );
     }
 }
+
+#[tokio::test]
+async fn shutdown_ends_open_watch_and_append_streams() {
+    // Regression: a server with an open Watch (or a client's idle AppendStream) never finished
+    // its graceful shutdown.
+    let ledger = TestLedger::start().await;
+    let mut watch = ledger
+        .audit()
+        .await
+        .watch(WatchRequest { start_seq: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        next(&mut watch).await.is_some(),
+        "the genesis arrives first"
+    );
+    let (_hold_open, idle) = tokio::sync::mpsc::channel::<custody::proto::SignedEvent>(1);
+    let _append = ledger
+        .ledger()
+        .await
+        .append_stream(tokio_stream::wrappers::ReceiverStream::new(idle))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), ledger.stop())
+        .await
+        .expect("shutdown must not wait for clients to hang up");
+    // The watch stream ends (or errors) instead of hanging.
+    let _ = tokio::time::timeout(Duration::from_secs(30), watch.next())
+        .await
+        .expect("the watch stream ended");
+}
