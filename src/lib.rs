@@ -29,6 +29,7 @@ pub mod export;
 pub mod inspect;
 pub mod ledger;
 pub mod merkle;
+pub mod scratch;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -17,6 +17,7 @@ use custody::proto::{
     GetCheckpointRequest, GetEntriesRequest, KeyGrant, QueryRequest, Receipt, Role, TraceBundle,
     TraceRequest, TraceStatus,
 };
+use custody::scratch::DiskState;
 use custody::server::{self, Config, KeyPairJson};
 use custody::store::Store;
 use custody::{envelope, export, inspect, verify};
@@ -444,7 +445,7 @@ async fn run(cli: Cli) -> anyhow::Result<Result<(), Failure>> {
                 verify(file, data_dir, &key, previous.as_deref())
             })
             .await??;
-            return Ok(report_verification(outcome, json));
+            return report_verification(outcome, json);
         }
         Command::VerifyTrace {
             bundle,
@@ -582,10 +583,12 @@ fn verify(
             let file = std::fs::File::open(&path)
                 .with_context(|| format!("couldn't open {}", path.display()))?;
             let reader = std::io::BufReader::with_capacity(1 << 20, file);
-            let outcome = verify::verify_export(reader, key, previous, |done, total| {
-                progress.show(done, total)
-            })
-            .with_context(|| format!("couldn't read {}", path.display()))?;
+            let state = DiskState::new().context("couldn't create the scratch files")?;
+            let outcome =
+                verify::verify_export_with(reader, key, previous, state, |done, total| {
+                    progress.show(done, total)
+                })
+                .with_context(|| format!("couldn't read {}", path.display()))?;
             progress.clear();
             Ok(outcome)
         }
@@ -597,10 +600,12 @@ fn verify(
                     "the directory holds no checkpoint".into(),
                 )));
             };
-            let mut verifier = match verify::ExportVerifier::new(&head.checkpoint, key, previous) {
-                Ok(verifier) => verifier,
-                Err(failure) => return Ok(Err(failure)),
-            };
+            let state = DiskState::new().context("couldn't create the scratch files")?;
+            let mut verifier =
+                match verify::ExportVerifier::with_state(&head.checkpoint, key, previous, state) {
+                    Ok(verifier) => verifier,
+                    Err(failure) => return Ok(Err(failure)),
+                };
             let mut done = 0;
             for item in store.entries(0, u64::MAX) {
                 let (_, bytes) = item?;
@@ -650,8 +655,11 @@ impl Progress {
 fn report_verification(
     outcome: Result<verify::LedgerReport, verify::IntegrityFailure>,
     json: bool,
-) -> Result<(), Failure> {
-    match outcome {
+) -> anyhow::Result<Result<(), Failure>> {
+    if let Err(verify::IntegrityFailure::State(why)) = &outcome {
+        return Err(anyhow!("couldn't keep the replay state: {why}"));
+    }
+    Ok(match outcome {
         Err(failure) => {
             if json {
                 let value = serde_json::json!({ "result": "integrity_failure", "seq": failure.seq(), "failure": failure.to_string() });
@@ -665,7 +673,7 @@ fn report_verification(
             Err(Failure::Integrity)
         }
         Ok(report) => {
-            let findings = !report.violations.is_empty();
+            let findings = report.violations_total > 0;
             if json {
                 let result = if findings { "findings" } else { "verified" };
                 println!(
@@ -690,7 +698,10 @@ fn report_verification(
                     "  actions traced: {} of {}",
                     report.actions_traced, report.actions
                 );
-                println!("  violations recorded: {}", report.violations.len());
+                println!("  violations recorded: {}", report.violations_total);
+                if report.violations_total > report.violations.len() as u64 {
+                    println!("  (the first {} are listed)", report.violations.len());
+                }
                 for v in &report.violations {
                     println!(
                         "    seq {} {} user={} agent={}: {}",
@@ -703,11 +714,12 @@ fn report_verification(
                 }
             }
             if findings {
-                return Err(Failure::Findings);
+                Err(Failure::Findings)
+            } else {
+                Ok(())
             }
-            Ok(())
         }
-    }
+    })
 }
 
 fn report_trace(outcome: Result<verify::TraceReport, String>, json: bool) -> Result<(), Failure> {

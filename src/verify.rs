@@ -6,7 +6,7 @@ use prost::Message as _;
 use crate::checkpoint::{self, CheckpointError, LedgerVerifier};
 use crate::merkle::{self, ProofError};
 use crate::proto::{Entry, Event, TraceBundle, Verdict};
-use crate::trust::{self, MemoryState, Refusal};
+use crate::trust::{self, MemoryState, Refusal, ReplayState};
 
 /// Why a trace bundle does not verify. Every variant is a value a caller can match on.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -60,7 +60,7 @@ enum EntryFailure {
 /// key) and checks the recorded verdict. Shared by trace and export verification.
 fn rejudge_entry(
     entry: &Entry,
-    state: &MemoryState,
+    state: &impl trust::TrustView,
     ledger_key: &[u8; 32],
     preverified: Option<&[u8; 32]>,
 ) -> Result<(trust::Evaluation, String), EntryFailure> {
@@ -243,6 +243,10 @@ pub enum IntegrityFailure {
     /// The Merkle root of the entries differs from the checkpoint's.
     #[error("the entries' Merkle root {computed} differs from the checkpoint's {expected}")]
     RootMismatch { computed: String, expected: String },
+    /// The replay state could not be kept (scratch storage failed): not evidence about the
+    /// ledger; the CLI reports it as an I/O error (exit 2).
+    #[error("couldn't keep the replay state: {0}")]
+    State(String),
     /// The first entries do not give the previous checkpoint's root: history was rewritten.
     #[error("the first {size} entries do not have the previous checkpoint's root: history was rewritten")]
     NotExtending { size: u64 },
@@ -275,6 +279,9 @@ pub struct ViolationReport {
     pub reasons: Vec<String>,
 }
 
+/// Most violations a [`LedgerReport`] lists; the rest are counted.
+pub const MAX_LISTED_VIOLATIONS: usize = 10_000;
+
 /// What a verified ledger holds.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct LedgerReport {
@@ -292,7 +299,10 @@ pub struct LedgerReport {
     pub actions_traced: u64,
     /// All actions.
     pub actions: u64,
-    /// Every recorded violation, in ledger order.
+    /// How many entries record a violation.
+    pub violations_total: u64,
+    /// The first [`MAX_LISTED_VIOLATIONS`] of them, in ledger order (the list is bounded so
+    /// the verifier's memory stays flat).
     pub violations: Vec<ViolationReport>,
 }
 
@@ -309,25 +319,37 @@ const CHUNK_ENTRIES: usize = 4096;
 /// trust state (keys, consents, tokens). Feed it every entry in order, then call
 /// [`finish`](Self::finish). Signatures are checked a chunk at a time with Ed25519 batch
 /// verification on every core; everything else runs in ledger order.
-pub struct ExportVerifier {
+pub struct ExportVerifier<S: ReplayState = MemoryState> {
     pending: Vec<Vec<u8>>,
-    /// First 16 bytes of SHA-256 of every event_id seen (16 bytes an entry).
-    event_ids: std::collections::HashSet<[u8; 16]>,
     checkpoint: checkpoint::VerifiedCheckpoint,
     previous: Option<checkpoint::VerifiedCheckpoint>,
     ledger_key: [u8; 32],
-    state: MemoryState,
+    state: S,
     frontier: merkle::Frontier,
     prev_leaf: [u8; 32],
     report: LedgerReport,
 }
 
-impl ExportVerifier {
-    /// Opens the checkpoint (and the previous one, if given) under `key`.
+impl ExportVerifier<MemoryState> {
+    /// Opens the checkpoint (and the previous one, if given) under `key`; keeps the replay
+    /// state in memory.
     pub fn new(
         note: &str,
         key: &LedgerVerifier,
         previous: Option<&str>,
+    ) -> Result<Self, IntegrityFailure> {
+        Self::with_state(note, key, previous, MemoryState::new())
+    }
+}
+
+impl<S: ReplayState> ExportVerifier<S> {
+    /// Opens the checkpoint (and the previous one, if given) under `key`; keeps the replay
+    /// state in `state`.
+    pub fn with_state(
+        note: &str,
+        key: &LedgerVerifier,
+        previous: Option<&str>,
+        state: S,
     ) -> Result<Self, IntegrityFailure> {
         let checkpoint = checkpoint::open(note, key).map_err(IntegrityFailure::Checkpoint)?;
         let previous = previous
@@ -349,15 +371,15 @@ impl ExportVerifier {
             entries_by_kind: Default::default(),
             actions_traced: 0,
             actions: 0,
+            violations_total: 0,
             violations: Vec::new(),
         };
         Ok(Self {
             pending: Vec::with_capacity(CHUNK_ENTRIES),
-            event_ids: Default::default(),
             checkpoint,
             previous,
             ledger_key: *key.public_key(),
-            state: MemoryState::new(),
+            state,
             frontier: merkle::Frontier::new(),
             prev_leaf: [0; 32],
             report,
@@ -406,7 +428,6 @@ impl ExportVerifier {
     /// signature verified under. Only a hint: `judge` checks the key is the registered one and
     /// verifies strictly otherwise.
     fn preverify(&self, entries: &[Option<Entry>]) -> Vec<Option<[u8; 32]>> {
-        use crate::trust::TrustView as _;
         let decoded: Vec<Option<(&crate::proto::SignedEvent, Option<Event>)>> = entries
             .iter()
             .map(|entry| {
@@ -476,14 +497,11 @@ impl ExportVerifier {
                 },
             )?;
         // An event may be on the ledger once: a repeated event_id means an entry was replayed.
-        let id_digest: [u8; 16] = {
-            use sha2::Digest as _;
-            let digest = sha2::Sha256::digest(event_id.as_bytes());
-            let mut prefix = [0u8; 16];
-            prefix.copy_from_slice(&digest[..16]);
-            prefix
-        };
-        if !self.event_ids.insert(id_digest) {
+        let first = self
+            .state
+            .first_sighting(&event_id)
+            .map_err(|e| IntegrityFailure::State(e.to_string()))?;
+        if !first {
             return Err(entry_failure(format!(
                 "repeats event_id {event_id:?} of an earlier entry"
             )));
@@ -492,7 +510,9 @@ impl ExportVerifier {
         self.frontier.push(leaf);
         self.prev_leaf = leaf.0;
         self.tally(&entry, &evaluation.verdict);
-        self.state.apply(evaluation.delta);
+        self.state
+            .apply_delta(evaluation.delta)
+            .map_err(|e| IntegrityFailure::State(e.to_string()))?;
         if let Some(previous) = &self.previous {
             if self.frontier.size() == previous.tree_size()
                 && self.frontier.root() != previous.root()
@@ -507,7 +527,6 @@ impl ExportVerifier {
 
     fn tally(&mut self, entry: &Entry, verdict: &Verdict) {
         use crate::proto::{event::Body, EventKind, TraceStatus};
-        use crate::trust::TrustView as _;
         let event = entry
             .event
             .as_ref()
@@ -525,6 +544,10 @@ impl ExportVerifier {
             self.report.actions_traced += u64::from(traced);
         }
         if verdict.status == TraceStatus::Violation as i32 {
+            self.report.violations_total += 1;
+            if self.report.violations.len() >= MAX_LISTED_VIOLATIONS {
+                return;
+            }
             let token_party = |token_id: &str| {
                 self.state
                     .token(token_id)
@@ -577,6 +600,17 @@ pub fn verify_export<R: std::io::BufRead>(
     reader: R,
     key: &LedgerVerifier,
     previous: Option<&str>,
+    progress: impl FnMut(u64, u64),
+) -> Result<Result<LedgerReport, IntegrityFailure>, std::io::Error> {
+    verify_export_with(reader, key, previous, MemoryState::new(), progress)
+}
+
+/// [`verify_export`] keeping the replay state in `state` (e.g. on disk).
+pub fn verify_export_with<R: std::io::BufRead, S: ReplayState>(
+    reader: R,
+    key: &LedgerVerifier,
+    previous: Option<&str>,
+    state: S,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<Result<LedgerReport, IntegrityFailure>, std::io::Error> {
     use crate::export::{ExportError, ExportReader};
@@ -588,7 +622,7 @@ pub fn verify_export<R: std::io::BufRead>(
         Ok(opened) => opened,
         Err(error) => return split(error).map(Err),
     };
-    let mut verifier = match ExportVerifier::new(&note, key, previous) {
+    let mut verifier = match ExportVerifier::with_state(&note, key, previous, state) {
         Ok(verifier) => verifier,
         Err(failure) => return Ok(Err(failure)),
     };

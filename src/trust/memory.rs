@@ -3,7 +3,10 @@
 
 use std::collections::HashMap;
 
-use super::{ConsentRecord, KeyRecord, StateChange, TokenRecord, TrustView, ViewError};
+use super::{
+    ConsentRecord, KeyRecord, ReplayState, StateChange, StateDelta, TokenRecord, TrustView,
+    ViewError,
+};
 
 /// The whole trust state in memory.
 #[derive(Debug, Default, Clone)]
@@ -11,6 +14,8 @@ pub struct MemoryState {
     keys: HashMap<String, KeyRecord>,
     consents: HashMap<String, ConsentRecord>,
     tokens: HashMap<String, TokenRecord>,
+    /// First 16 bytes of SHA-256 of every event id recorded through [`ReplayState`].
+    event_ids: std::collections::HashSet<[u8; 16]>,
 }
 
 impl MemoryState {
@@ -64,5 +69,20 @@ impl TrustView for MemoryState {
     }
     fn token(&self, token_id: &str) -> Result<Option<TokenRecord>, ViewError> {
         Ok(self.tokens.get(token_id).cloned())
+    }
+}
+
+impl ReplayState for MemoryState {
+    fn apply_delta(&mut self, delta: StateDelta) -> Result<(), ViewError> {
+        self.apply(delta);
+        Ok(())
+    }
+
+    fn first_sighting(&mut self, event_id: &str) -> Result<bool, ViewError> {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(event_id.as_bytes());
+        let mut prefix = [0u8; 16];
+        prefix.copy_from_slice(&digest[..16]);
+        Ok(self.event_ids.insert(prefix))
     }
 }

@@ -122,6 +122,17 @@ pub trait TrustView {
     fn token(&self, token_id: &str) -> Result<Option<TokenRecord>, ViewError>;
 }
 
+/// State a replay (the offline verifier) reads and updates in ledger order.
+/// [`MemoryState`] keeps it in memory; the CLI's verifier keeps it on disk
+/// (`scratch::DiskState`) so that memory stays flat on any ledger.
+pub trait ReplayState: TrustView {
+    /// Applies an accepted event's changes. An error means the state could not be kept
+    /// (storage trouble), not that the event is wrong.
+    fn apply_delta(&mut self, delta: StateDelta) -> Result<(), ViewError>;
+    /// Records an event id; false when it was recorded before.
+    fn first_sighting(&mut self, event_id: &str) -> Result<bool, ViewError>;
+}
+
 /// A change to the trust state that an accepted event makes.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]

@@ -1,0 +1,322 @@
+//! Disk-backed replay state for the offline verifier, so its memory stays flat however many
+//! consents, tokens and events a ledger holds: records live in an unlinked temporary file,
+//! found through an open-addressing hash index kept in a second unlinked file. Only the key
+//! registry (a few records) stays in memory. Nothing here is part of the pure core; it is an
+//! I/O edge the CLI plugs into [`crate::verify::ExportVerifier`].
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt as _;
+
+use prost::Message as _;
+use sha2::Digest as _;
+
+use crate::trust::{
+    ConsentRecord, KeyRecord, ReplayState, StateChange, StateDelta, TokenRecord, TrustView,
+    ViewError,
+};
+
+const SLOT: u64 = 16;
+const INITIAL_SLOTS: u64 = 1 << 16;
+const KIND_CONSENT: u8 = b'c';
+const KIND_TOKEN: u8 = b't';
+const KIND_EVENT: u8 = b'i';
+/// Records kept decoded-ready in memory (most lookups are for recent tokens); when the cache
+/// is full it is emptied, which bounds its memory without bookkeeping.
+const CACHE_RECORDS: usize = 32 * 1024;
+
+fn io(error: std::io::Error) -> ViewError {
+    ViewError(format!("scratch file: {error}"))
+}
+
+/// Replay state on disk (see the module docs).
+pub struct DiskState {
+    keys: HashMap<String, KeyRecord>,
+    /// Recently written or read consent and token records (not event ids).
+    cache: HashMap<(u8, String), Vec<u8>>,
+    data: File,
+    data_len: u64,
+    index: File,
+    slots: u64,
+    used: u64,
+}
+
+/// Creates a file in the temporary directory and unlinks it at once: it lives while open.
+fn anonymous_file(what: &str) -> std::io::Result<File> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let path = std::env::temp_dir().join(format!("custody-{what}-{}-{nanos}", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    std::fs::remove_file(&path)?;
+    Ok(file)
+}
+
+fn tag(kind: u8, id: &str) -> u64 {
+    let digest = sha2::Sha256::new()
+        .chain_update([kind])
+        .chain_update(id.as_bytes())
+        .finalize();
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    // 0 marks an empty slot.
+    u64::from_le_bytes(bytes) | 1
+}
+
+impl DiskState {
+    /// An empty state in two unlinked temporary files.
+    pub fn new() -> std::io::Result<Self> {
+        let index = anonymous_file("index")?;
+        index.set_len(INITIAL_SLOTS * SLOT)?;
+        Ok(Self {
+            keys: HashMap::new(),
+            cache: HashMap::new(),
+            data: anonymous_file("data")?,
+            data_len: 0,
+            index,
+            slots: INITIAL_SLOTS,
+            used: 0,
+        })
+    }
+
+    fn read_slot(&self, slot: u64) -> Result<(u64, u64), ViewError> {
+        let mut bytes = [0u8; SLOT as usize];
+        self.index
+            .read_exact_at(&mut bytes, slot * SLOT)
+            .map_err(io)?;
+        let (tag, offset) = bytes.split_at(8);
+        // Both halves are 8 bytes by construction.
+        Ok((
+            u64::from_le_bytes(tag.try_into().unwrap_or_default()),
+            u64::from_le_bytes(offset.try_into().unwrap_or_default()),
+        ))
+    }
+
+    fn write_slot(file: &File, slot: u64, tag: u64, offset: u64) -> Result<(), ViewError> {
+        let mut bytes = [0u8; SLOT as usize];
+        bytes[..8].copy_from_slice(&tag.to_le_bytes());
+        bytes[8..].copy_from_slice(&offset.to_le_bytes());
+        file.write_all_at(&bytes, slot * SLOT).map_err(io)
+    }
+
+    /// Reads the record at `offset`: (kind, id, value).
+    fn read_record(&self, offset: u64) -> Result<(u8, String, Vec<u8>), ViewError> {
+        let mut header = [0u8; 7];
+        self.data.read_exact_at(&mut header, offset).map_err(io)?;
+        let total = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let kind = header[4];
+        let id_len = u16::from_le_bytes([header[5], header[6]]) as usize;
+        let mut body = vec![0u8; total.saturating_sub(7)];
+        self.data.read_exact_at(&mut body, offset + 7).map_err(io)?;
+        let value = body.split_off(id_len.min(body.len()));
+        let id =
+            String::from_utf8(body).map_err(|_| ViewError("scratch file: corrupt id".into()))?;
+        Ok((kind, id, value))
+    }
+
+    /// The slot holding (kind, id), or the empty slot where it would go.
+    fn find(&self, kind: u8, id: &str) -> Result<(u64, Option<u64>), ViewError> {
+        let tag = tag(kind, id);
+        let mut slot = tag % self.slots;
+        loop {
+            let (slot_tag, offset) = self.read_slot(slot)?;
+            if slot_tag == 0 {
+                return Ok((slot, None));
+            }
+            if slot_tag == tag {
+                let (found_kind, found_id, _) = self.read_record(offset)?;
+                if found_kind == kind && found_id == id {
+                    return Ok((slot, Some(offset)));
+                }
+            }
+            slot = (slot + 1) % self.slots;
+        }
+    }
+
+    fn get(&self, kind: u8, id: &str) -> Result<Option<Vec<u8>>, ViewError> {
+        if let Some(value) = self.cache.get(&(kind, id.to_owned())) {
+            return Ok(Some(value.clone()));
+        }
+        match self.find(kind, id)? {
+            (_, None) => Ok(None),
+            (_, Some(offset)) => Ok(Some(self.read_record(offset)?.2)),
+        }
+    }
+
+    fn remember(&mut self, kind: u8, id: &str, value: &[u8]) {
+        if self.cache.len() >= CACHE_RECORDS {
+            self.cache.clear();
+        }
+        self.cache.insert((kind, id.to_owned()), value.to_vec());
+    }
+
+    fn put(&mut self, kind: u8, id: &str, value: &[u8]) -> Result<(), ViewError> {
+        if (self.used + 1) * 2 > self.slots {
+            self.grow()?;
+        }
+        let found = self.find(kind, id)?;
+        self.put_at(kind, id, value, found)
+    }
+
+    /// Writes a record and points `slot` (from [`find`](Self::find), no growth since) at it.
+    fn put_at(
+        &mut self,
+        kind: u8,
+        id: &str,
+        value: &[u8],
+        (slot, existing): (u64, Option<u64>),
+    ) -> Result<(), ViewError> {
+        let id_len =
+            u16::try_from(id.len()).map_err(|_| ViewError("scratch file: id too long".into()))?;
+        let total = 7 + id.len() + value.len();
+        let mut record = Vec::with_capacity(total);
+        record.extend_from_slice(
+            &u32::try_from(total)
+                .map_err(|_| ViewError("scratch file: record too long".into()))?
+                .to_le_bytes(),
+        );
+        record.push(kind);
+        record.extend_from_slice(&id_len.to_le_bytes());
+        record.extend_from_slice(id.as_bytes());
+        record.extend_from_slice(value);
+        let offset = self.data_len;
+        self.data.write_all_at(&record, offset).map_err(io)?;
+        self.data_len += record.len() as u64;
+        if existing.is_none() {
+            self.used += 1;
+        }
+        Self::write_slot(&self.index, slot, tag(kind, id), offset)
+    }
+
+    /// Doubles the index, re-placing every slot by its tag.
+    fn grow(&mut self) -> Result<(), ViewError> {
+        let slots = self.slots * 2;
+        let index = anonymous_file("index").map_err(io)?;
+        index.set_len(slots * SLOT).map_err(io)?;
+        for slot in 0..self.slots {
+            let (slot_tag, offset) = self.read_slot(slot)?;
+            if slot_tag == 0 {
+                continue;
+            }
+            let mut target = slot_tag % slots;
+            loop {
+                let mut bytes = [0u8; 8];
+                index.read_exact_at(&mut bytes, target * SLOT).map_err(io)?;
+                if u64::from_le_bytes(bytes) == 0 {
+                    break;
+                }
+                target = (target + 1) % slots;
+            }
+            Self::write_slot(&index, target, slot_tag, offset)?;
+        }
+        self.index = index;
+        self.slots = slots;
+        Ok(())
+    }
+}
+
+fn decode<M: prost::Message + Default>(bytes: Option<Vec<u8>>) -> Result<Option<M>, ViewError> {
+    bytes
+        .map(|b| M::decode(b.as_slice()).map_err(|e| ViewError(format!("scratch record: {e}"))))
+        .transpose()
+}
+
+impl TrustView for DiskState {
+    fn key(&self, key_id: &str) -> Result<Option<KeyRecord>, ViewError> {
+        Ok(self.keys.get(key_id).cloned())
+    }
+    fn consent(&self, consent_id: &str) -> Result<Option<ConsentRecord>, ViewError> {
+        decode(self.get(KIND_CONSENT, consent_id)?)
+    }
+    fn token(&self, token_id: &str) -> Result<Option<TokenRecord>, ViewError> {
+        decode(self.get(KIND_TOKEN, token_id)?)
+    }
+}
+
+impl ReplayState for DiskState {
+    fn apply_delta(&mut self, delta: StateDelta) -> Result<(), ViewError> {
+        for change in delta {
+            match change {
+                StateChange::PutKey { key_id, record } => {
+                    self.keys.insert(key_id, record);
+                }
+                StateChange::PutConsent { consent_id, record } => {
+                    let value = record.encode_to_vec();
+                    self.put(KIND_CONSENT, &consent_id, &value)?;
+                    self.remember(KIND_CONSENT, &consent_id, &value);
+                }
+                StateChange::PutToken { token_id, record } => {
+                    let value = record.encode_to_vec();
+                    self.put(KIND_TOKEN, &token_id, &value)?;
+                    self.remember(KIND_TOKEN, &token_id, &value);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn first_sighting(&mut self, event_id: &str) -> Result<bool, ViewError> {
+        if (self.used + 1) * 2 > self.slots {
+            self.grow()?;
+        }
+        let found = self.find(KIND_EVENT, event_id)?;
+        if found.1.is_some() {
+            return Ok(false);
+        }
+        self.put_at(KIND_EVENT, event_id, &[], found)?;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stores_updates_and_grows_without_losing_records() {
+        let mut state = DiskState::new().unwrap();
+        let n = 100_000u64; // forces the index to double a few times
+        for i in 0..n {
+            let record = TokenRecord {
+                seq: i,
+                user: format!("user-{i}"),
+                ..TokenRecord::default()
+            };
+            state
+                .apply_delta(vec![StateChange::PutToken {
+                    token_id: format!("t{i}"),
+                    record,
+                }])
+                .unwrap();
+        }
+        // An update replaces the record.
+        let updated = TokenRecord {
+            seq: 7,
+            revoked_at_ms: Some(5),
+            ..TokenRecord::default()
+        };
+        state
+            .apply_delta(vec![StateChange::PutToken {
+                token_id: "t7".into(),
+                record: updated.clone(),
+            }])
+            .unwrap();
+        assert_eq!(state.token("t7").unwrap(), Some(updated));
+        for i in (0..n).step_by(997) {
+            if i == 7 {
+                continue;
+            }
+            assert_eq!(state.token(&format!("t{i}")).unwrap().unwrap().seq, i);
+        }
+        assert_eq!(state.token("missing").unwrap(), None);
+        assert_eq!(state.consent("t1").unwrap(), None, "kinds are separate");
+        assert!(state.first_sighting("e1").unwrap());
+        assert!(!state.first_sighting("e1").unwrap());
+        assert!(state.first_sighting("e2").unwrap());
+    }
+}
