@@ -132,6 +132,18 @@ async fn exports_verify_and_every_kind_of_tampering_fails() {
     assert_eq!(json["result"], "findings");
     assert_eq!(json["report"]["tree_size"], report.tree_size);
 
+    // The disk-backed replay state the CLI uses reaches the same report.
+    let on_disk = custody::verify::verify_export_with(
+        bytes.as_slice(),
+        &key,
+        None,
+        custody::scratch::DiskState::new().unwrap(),
+        |_, _| {},
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(on_disk, report);
+
     // 500+ single-byte flips spread over the whole file, each caught.
     let positions: Vec<usize> = (0..520).map(|i| i * (bytes.len() - 1) / 519).collect();
     let caught = std::sync::atomic::AtomicUsize::new(0);
