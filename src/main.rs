@@ -314,6 +314,15 @@ impl From<RoleArg> for Role {
     }
 }
 
+/// `println!` that ignores a closed stdout (e.g. `custody verify ... | head`) instead of
+/// panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 /// An outcome that is not success but not a usage or I/O error either.
 enum Failure {
     /// The server refused the request: exit 1, with the status on stderr.
@@ -663,11 +672,11 @@ fn report_verification(
         Err(failure) => {
             if json {
                 let value = serde_json::json!({ "result": "integrity_failure", "seq": failure.seq(), "failure": failure.to_string() });
-                println!("{value}");
+                outln!("{value}");
             } else {
                 match failure.seq() {
-                    Some(seq) => println!("FAILED at entry {seq}: {failure}"),
-                    None => println!("FAILED: {failure}"),
+                    Some(seq) => outln!("FAILED at entry {seq}: {failure}"),
+                    None => outln!("FAILED: {failure}"),
                 }
             }
             Err(Failure::Integrity)
@@ -676,34 +685,37 @@ fn report_verification(
             let findings = report.violations_total > 0;
             if json {
                 let result = if findings { "findings" } else { "verified" };
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "result": result, "report": report })
                 );
             } else {
-                println!(
+                outln!(
                     "VERIFIED: ledger {}, {} entries, root {}",
-                    report.origin, report.tree_size, report.root
+                    report.origin,
+                    report.tree_size,
+                    report.root
                 );
                 if let Some(previous) = report.extends_previous {
-                    println!("  extends the previous checkpoint of {previous} entries");
+                    outln!("  extends the previous checkpoint of {previous} entries");
                 }
                 let kinds: Vec<String> = report
                     .entries_by_kind
                     .iter()
                     .map(|(k, n)| format!("{k} {n}"))
                     .collect();
-                println!("  entries by kind: {}", kinds.join(", "));
-                println!(
+                outln!("  entries by kind: {}", kinds.join(", "));
+                outln!(
                     "  actions traced: {} of {}",
-                    report.actions_traced, report.actions
+                    report.actions_traced,
+                    report.actions
                 );
-                println!("  violations recorded: {}", report.violations_total);
+                outln!("  violations recorded: {}", report.violations_total);
                 if report.violations_total > report.violations.len() as u64 {
-                    println!("  (the first {} are listed)", report.violations.len());
+                    outln!("  (the first {} are listed)", report.violations.len());
                 }
                 for v in &report.violations {
-                    println!(
+                    outln!(
                         "    seq {} {} user={} agent={}: {}",
                         v.seq,
                         v.kind,
@@ -726,12 +738,12 @@ fn report_trace(outcome: Result<verify::TraceReport, String>, json: bool) -> Res
     match outcome {
         Err(failure) => {
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "result": "integrity_failure", "failure": failure })
                 );
             } else {
-                println!("FAILED: {failure}");
+                outln!("FAILED: {failure}");
             }
             Err(Failure::Integrity)
         }
@@ -739,12 +751,12 @@ fn report_trace(outcome: Result<verify::TraceReport, String>, json: bool) -> Res
             let violation = report.verdict.status == TraceStatus::Violation as i32;
             if json {
                 let result = if violation { "findings" } else { "verified" };
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "result": result, "seq": report.seq, "tree_size": report.tree_size, "entries": report.entries, "verdict": inspect::verdict_json(&report.verdict) })
                 );
             } else {
-                println!(
+                outln!(
                     "VERIFIED: entry {} against a checkpoint of {} entries ({} entries in the bundle); verdict {}",
                     report.seq,
                     report.tree_size,
