@@ -47,7 +47,11 @@ fn anonymous_file(what: &str) -> std::io::Result<File> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or_default();
-    let path = std::env::temp_dir().join(format!("custody-{what}-{}-{nanos}", std::process::id()));
+    // The counter keeps names apart within a process even on a coarse clock.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path =
+        std::env::temp_dir().join(format!("custody-{what}-{}-{nanos}-{n}", std::process::id()));
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -81,13 +81,21 @@ impl LedgerRpc for LedgerService {
         let (pending_tx, mut pending_rx) = mpsc::channel(MAX_IN_FLIGHT_PER_STREAM);
         let (out_tx, out_rx) = mpsc::channel(STREAM_BUFFER);
         let closing = self.closing.clone();
+        let (cut_tx, cut_rx) = oneshot::channel::<()>();
         tokio::spawn(async move {
-            // At shutdown, stop reading new events; those already queued still get receipts.
+            // At shutdown, stop reading new events; those already queued still get receipts,
+            // and then the stream ends with UNAVAILABLE so the client knows it was cut short.
             let mut closing = std::pin::pin!(closed(closing));
+            let mut cut_tx = Some(cut_tx);
             loop {
                 let item = tokio::select! {
                     item = inbound.next() => item,
-                    () = &mut closing => break,
+                    () = &mut closing => {
+                        if let Some(cut) = cut_tx.take() {
+                            let _ = cut.send(());
+                        }
+                        break;
+                    }
                 };
                 let Some(item) = item else { break };
                 let Ok(event) = item else { break };
@@ -114,8 +122,15 @@ impl LedgerRpc for LedgerService {
                     },
                 };
                 if out_tx.send(Ok(receipt)).await.is_err() {
-                    break;
+                    return;
                 }
+            }
+            if cut_rx.await.is_ok() {
+                let _ = out_tx
+                    .send(Err(Status::unavailable(
+                        "the ledger is shutting down; events after the last receipt were not read",
+                    )))
+                    .await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
@@ -334,7 +349,12 @@ impl Audit for AuditService {
             loop {
                 let size = *sizes.borrow_and_update();
                 if size > next {
-                    match send_entries(&ledger, next, size, &tx).await {
+                    // A client that stops reading must not hold the stream open past shutdown.
+                    let sent = tokio::select! {
+                        sent = send_entries(&ledger, next, size, &tx) => sent,
+                        () = closed(closing.clone()) => None,
+                    };
+                    match sent {
                         Some(sent_up_to) => next = sent_up_to,
                         None => return,
                     }

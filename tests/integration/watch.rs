@@ -71,12 +71,13 @@ async fn shutdown_ends_open_watch_and_append_streams() {
         "the genesis arrives first"
     );
     let (_hold_open, idle) = tokio::sync::mpsc::channel::<custody::proto::SignedEvent>(1);
-    let _append = ledger
+    let mut append = ledger
         .ledger()
         .await
         .append_stream(tokio_stream::wrappers::ReceiverStream::new(idle))
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
     tokio::time::timeout(Duration::from_secs(30), ledger.stop())
         .await
         .expect("shutdown must not wait for clients to hang up");
@@ -84,4 +85,12 @@ async fn shutdown_ends_open_watch_and_append_streams() {
     let _ = tokio::time::timeout(Duration::from_secs(30), watch.next())
         .await
         .expect("the watch stream ended");
+    // The append stream tells the client it was cut short rather than ending cleanly.
+    let last = tokio::time::timeout(Duration::from_secs(30), append.next())
+        .await
+        .expect("the append stream ended");
+    let status = last
+        .expect("an error, not a clean end")
+        .expect_err("an error, not a receipt");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
 }
