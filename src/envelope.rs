@@ -120,10 +120,11 @@ pub struct BatchItem<'a> {
 /// Verifies many signatures at once with Ed25519 batch verification; if the batch fails,
 /// verifies them one by one (strictly) to find the bad ones. Returns one result per item.
 ///
-/// Batch verification does not refuse every encoding `verify_strict` refuses (small-order
-/// or non-canonical `R`); such a signature is a malleated copy of a valid one. Callers that
-/// also check the signed bytes against a Merkle root (as the offline verifier does) cannot be
-/// fooled by it: the altered signature changes the leaf hash.
+/// Batch verification accepts every signature `verify_strict` accepts, but not only those:
+/// a signature whose `R` has a small-order component, which only the key's holder can make,
+/// passes a batch with some probability (the random coefficients may cancel the torsion).
+/// Such a signature is still the key holder's own, not a forgery; callers that need exactly
+/// `verify_strict`'s answer (the server, a rebuild) must not rely on a batch result.
 pub fn verify_batch(items: &[BatchItem<'_>]) -> Vec<bool> {
     let mut messages = Vec::with_capacity(items.len());
     let mut signatures = Vec::with_capacity(items.len());

@@ -3,7 +3,9 @@
 //! every core, either strictly one by one ([`Check::Strict`], what the server uses, so that
 //! acceptance is deterministic and equal to a rebuild's) or with Ed25519 batch verification
 //! ([`Check::Batch`], the offline verifier's fast path: it accepts every strictly valid
-//! signature, and the entries' bytes are pinned by the Merkle root). The result is only a hint for
+//! signature; it may also accept a signature with a torsion component in `R`, which only the
+//! key's holder can make and which the server would have refused; see
+//! [`envelope::verify_batch`]). The result is only a hint for
 //! [`authenticate`](super::authenticate): it skips the signature check when the key that
 //! actually signs (as the rules find it, in order) is the key the hint verified under, and
 //! verifies strictly otherwise.
