@@ -1,5 +1,5 @@
 //! The tonic services: `Ledger` (write side) and `Audit` (read side). The trait impls only
-//! translate between the wire and the [`Ledger`](crate::ledger::Ledger); every error becomes
+//! translate between the wire and the [`Ledger`]; every error becomes
 //! a status in [`status`].
 
 pub mod commit_queue;
