@@ -587,19 +587,15 @@ fn verify(
     previous: Option<&str>,
 ) -> anyhow::Result<Result<verify::LedgerReport, verify::IntegrityFailure>> {
     let progress = Progress::new();
-    match (file, data_dir) {
+    let state = DiskState::new().context("couldn't create the scratch files")?;
+    let show = |done, total| progress.show(done, total);
+    let outcome = match (file, data_dir) {
         (Some(path), _) => {
             let file = std::fs::File::open(&path)
                 .with_context(|| format!("couldn't open {}", path.display()))?;
             let reader = std::io::BufReader::with_capacity(1 << 20, file);
-            let state = DiskState::new().context("couldn't create the scratch files")?;
-            let outcome =
-                verify::verify_export_with(reader, key, previous, state, |done, total| {
-                    progress.show(done, total)
-                })
-                .with_context(|| format!("couldn't read {}", path.display()))?;
-            progress.clear();
-            Ok(outcome)
+            verify::verify_export_with(reader, key, previous, state, show)
+                .with_context(|| format!("couldn't read {}", path.display()))?
         }
         (None, Some(dir)) => {
             let store = Store::open(&dir.join("db"))
@@ -609,27 +605,15 @@ fn verify(
                     "the directory holds no checkpoint".into(),
                 )));
             };
-            let state = DiskState::new().context("couldn't create the scratch files")?;
-            let mut verifier =
-                match verify::ExportVerifier::with_state(&head.checkpoint, key, previous, state) {
-                    Ok(verifier) => verifier,
-                    Err(failure) => return Ok(Err(failure)),
-                };
-            let mut done = 0;
-            for item in store.entries(0, u64::MAX) {
-                let (_, bytes) = item?;
-                if let Err(failure) = verifier.push(bytes) {
-                    progress.clear();
-                    return Ok(Err(failure));
-                }
-                done += 1;
-                progress.show(done, head.tree_size);
-            }
-            progress.clear();
-            Ok(verifier.finish())
+            let entries = store
+                .entries(0, u64::MAX)
+                .map(|item| item.map(|(_, bytes)| bytes));
+            verify::verify_entries(&head.checkpoint, entries, key, previous, state, show)?
         }
-        (None, None) => Err(anyhow!("give an export FILE or --data-dir")),
-    }
+        (None, None) => return Err(anyhow!("give an export FILE or --data-dir")),
+    };
+    progress.clear();
+    Ok(outcome)
 }
 
 /// A progress line on stderr, only when it is a terminal and the run is long.

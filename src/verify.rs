@@ -611,33 +611,40 @@ pub fn verify_export_with<R: std::io::BufRead, S: ReplayState>(
     key: &LedgerVerifier,
     previous: Option<&str>,
     state: S,
-    mut progress: impl FnMut(u64, u64),
+    progress: impl FnMut(u64, u64),
 ) -> Result<Result<LedgerReport, IntegrityFailure>, std::io::Error> {
     use crate::export::{ExportError, ExportReader};
-    let split = |error: ExportError| match error {
-        ExportError::Io(e) => Err(e),
-        ExportError::Malformed(what) => Ok(IntegrityFailure::Malformed(what)),
-    };
-    let (mut export, note) = match ExportReader::open(reader) {
-        Ok(opened) => opened,
-        Err(error) => return split(error).map(Err),
-    };
-    let mut verifier = match ExportVerifier::with_state(&note, key, previous, state) {
+    let outcome = ExportReader::open(reader).and_then(|(mut export, note)| {
+        let entries = std::iter::from_fn(|| export.next_entry().transpose());
+        verify_entries(&note, entries, key, previous, state, progress)
+    });
+    match outcome {
+        Ok(verdict) => Ok(verdict),
+        Err(ExportError::Io(e)) => Err(e),
+        Err(ExportError::Malformed(what)) => Ok(Err(IntegrityFailure::Malformed(what))),
+    }
+}
+
+/// Verifies a ledger given its checkpoint note and every entry's stored bytes in order, from
+/// any source (an export, a stopped ledger's store). The outer error is the source's own
+/// failure (not evidence); the inner result is the verdict on the ledger.
+pub fn verify_entries<E, S: ReplayState>(
+    note: &str,
+    entries: impl IntoIterator<Item = Result<Vec<u8>, E>>,
+    key: &LedgerVerifier,
+    previous: Option<&str>,
+    state: S,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<Result<LedgerReport, IntegrityFailure>, E> {
+    let mut verifier = match ExportVerifier::with_state(note, key, previous, state) {
         Ok(verifier) => verifier,
         Err(failure) => return Ok(Err(failure)),
     };
     let total = verifier.expected_entries();
-    let mut done = 0;
-    loop {
-        let bytes = match export.next_entry() {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => break,
-            Err(error) => return split(error).map(Err),
-        };
-        if let Err(failure) = verifier.push(bytes) {
+    for (done, bytes) in (1u64..).zip(entries) {
+        if let Err(failure) = verifier.push(bytes?) {
             return Ok(Err(failure));
         }
-        done += 1;
         progress(done, total);
     }
     Ok(verifier.finish())

@@ -93,6 +93,35 @@ fn check_links(
     Ok(consent)
 }
 
+/// Judges an event that uses a token (an accepted validation, an action): UNKNOWN_TOKEN if the
+/// ledger never saw it issued; otherwise the event's own `checks`, then every link and the
+/// consent at `at`. The verdict carries the token's chain.
+fn judge_token_use(
+    token: Option<TokenRecord>,
+    at: i64,
+    view: &impl TrustView,
+    index: Vec<IndexTerm>,
+    checks: impl FnOnce(&TokenRecord, &mut Reasons),
+) -> Outcome {
+    let mut reasons = Reasons::default();
+    let verdict = match token {
+        None => {
+            reasons.add(reasons::UNKNOWN_TOKEN);
+            judged(reasons)
+        }
+        Some(token) => {
+            checks(&token, &mut reasons);
+            let consent = check_links(&token, at, view, &mut reasons)?;
+            with_chain(judged(reasons), &token, consent.as_ref())
+        }
+    };
+    Ok(Ok(Evaluation {
+        verdict,
+        delta: vec![],
+        index,
+    }))
+}
+
 /// Fills a verdict's chain fields from the token it rests on.
 fn with_chain(
     mut verdict: Verdict,
@@ -290,31 +319,17 @@ pub(super) fn validation(validation: &Validation, at: i64, view: &impl TrustView
             index,
         }));
     }
-    let mut reasons = Reasons::default();
-    let Some(token) = token else {
-        reasons.add(reasons::UNKNOWN_TOKEN);
-        return Ok(Ok(Evaluation {
-            verdict: judged(reasons),
-            delta: vec![],
-            index,
-        }));
-    };
-    reasons.check(!token.traced, reasons::UNTRACED_TOKEN);
-    reasons.check(
-        validation.token_sha256 != token.token_sha256,
-        reasons::TOKEN_HASH_MISMATCH,
-    );
-    reasons.check(
-        !token.audiences.contains(&validation.resource_server),
-        reasons::AUDIENCE_NOT_ALLOWED,
-    );
-    let consent = check_links(&token, at, view, &mut reasons)?;
-    let verdict = with_chain(judged(reasons), &token, consent.as_ref());
-    Ok(Ok(Evaluation {
-        verdict,
-        delta: vec![],
-        index,
-    }))
+    judge_token_use(token, at, view, index, |token, found| {
+        found.check(!token.traced, reasons::UNTRACED_TOKEN);
+        found.check(
+            validation.token_sha256 != token.token_sha256,
+            reasons::TOKEN_HASH_MISMATCH,
+        );
+        found.check(
+            !token.audiences.contains(&validation.resource_server),
+            reasons::AUDIENCE_NOT_ALLOWED,
+        );
+    })
 }
 
 pub(super) fn action(action: &Action, at: i64, view: &impl TrustView) -> Outcome {
@@ -326,35 +341,21 @@ pub(super) fn action(action: &Action, at: i64, view: &impl TrustView) -> Outcome
         &action.resource_server,
     );
     push_term(&mut index, IndexField::Agent, &action.agent);
-    let mut reasons = Reasons::default();
-    let Some(token) = token else {
-        reasons.add(reasons::UNKNOWN_TOKEN);
-        return Ok(Ok(Evaluation {
-            verdict: judged(reasons),
-            delta: vec![],
-            index,
-        }));
-    };
-    reasons.check(!token.traced, reasons::UNTRACED_TOKEN);
-    reasons.check(
-        !token.audiences.contains(&action.resource_server),
-        reasons::AUDIENCE_NOT_ALLOWED,
-    );
-    reasons.check(
-        !scopes::covered_by_any(&token.scopes, &action.operation),
-        reasons::SCOPE_NOT_COVERED,
-    );
-    reasons.check(
-        !action.agent.is_empty() && action.agent != token.agent,
-        reasons::AGENT_MISMATCH,
-    );
-    let consent = check_links(&token, at, view, &mut reasons)?;
-    let verdict = with_chain(judged(reasons), &token, consent.as_ref());
-    Ok(Ok(Evaluation {
-        verdict,
-        delta: vec![],
-        index,
-    }))
+    judge_token_use(token, at, view, index, |token, found| {
+        found.check(!token.traced, reasons::UNTRACED_TOKEN);
+        found.check(
+            !token.audiences.contains(&action.resource_server),
+            reasons::AUDIENCE_NOT_ALLOWED,
+        );
+        found.check(
+            !scopes::covered_by_any(&token.scopes, &action.operation),
+            reasons::SCOPE_NOT_COVERED,
+        );
+        found.check(
+            !action.agent.is_empty() && action.agent != token.agent,
+            reasons::AGENT_MISMATCH,
+        );
+    })
 }
 
 pub(super) fn denial(denial: &Denial, view: &impl TrustView) -> Outcome {
