@@ -128,14 +128,8 @@ async fn review(ledger: &TestLedger) -> Vec<Vec<Vec<u8>>> {
     ];
     let mut results = Vec::new();
     for request in requests {
-        let stream = ledger
-            .audit()
-            .await
-            .query(request)
-            .await
-            .unwrap()
-            .into_inner();
-        results.push(stream.map(|e| e.unwrap().entry).collect::<Vec<_>>().await);
+        let entries = ledger.query(request).await;
+        results.push(entries.into_iter().map(|e| e.entry).collect());
     }
     results
 }

@@ -261,17 +261,11 @@ fn matches(f: &Facts, q: &QueryRequest) -> bool {
 }
 
 async fn run_query(ledger: &TestLedger, request: QueryRequest) -> Vec<u64> {
-    let stream = ledger
-        .audit()
-        .await
-        .query(request)
-        .await
-        .unwrap()
-        .into_inner();
-    stream
-        .map(|item| item.unwrap().decoded.unwrap().seq)
-        .collect::<Vec<_>>()
-        .await
+    let entries = ledger.query(request).await;
+    entries
+        .into_iter()
+        .map(|e| e.decoded.unwrap().seq)
+        .collect()
 }
 
 /// Pages through a query to its end; returns every seq in order.

@@ -102,6 +102,22 @@ impl TestLedger {
             .into_inner()
     }
 
+    /// Runs a query, expecting success; every entry it streams.
+    pub async fn query(
+        &self,
+        request: custody::proto::QueryRequest,
+    ) -> Vec<custody::proto::StoredEntry> {
+        use tokio_stream::StreamExt as _;
+        let stream = self
+            .audit()
+            .await
+            .query(request)
+            .await
+            .unwrap()
+            .into_inner();
+        stream.map(|item| item.unwrap()).collect().await
+    }
+
     pub async fn tree_size(&self) -> u64 {
         self.checkpoint().await.tree_size
     }
