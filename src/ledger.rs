@@ -540,23 +540,23 @@ fn field_tag(field: IndexField) -> u8 {
     }
 }
 
-/// Every index key of entry `seq`: its terms, its kind and its verdict status.
-pub(crate) fn index_keys(seq: u64, event: &Event, evaluation: &Evaluation) -> Vec<Vec<u8>> {
+/// The index terms (see `store::keys`) entry `seq` is filed under: its terms, its kind and
+/// its verdict status.
+pub(crate) fn index_terms(event: &Event, evaluation: &Evaluation) -> Vec<Vec<u8>> {
     let kind = trust::event_kind(event.body.as_ref()) as i32;
-    let mut keys = vec![
-        store_keys::index(store_keys::FIELD_KIND, &kind.to_string(), seq),
-        store_keys::index(
+    let mut terms = vec![
+        store_keys::index_prefix(store_keys::FIELD_KIND, &kind.to_string()),
+        store_keys::index_prefix(
             store_keys::FIELD_STATUS,
             &evaluation.verdict.status.to_string(),
-            seq,
         ),
     ];
     for (field, value) in &evaluation.index {
-        keys.push(store_keys::index(field_tag(*field), value, seq));
+        terms.push(store_keys::index_prefix(field_tag(*field), value));
     }
-    keys.sort();
-    keys.dedup();
-    keys
+    terms.sort();
+    terms.dedup();
+    terms
 }
 
 /// The batch being assembled: committed state plus what the batch has added so far.
@@ -569,7 +569,7 @@ struct Batch<'a> {
     event_ids: HashMap<String, u64>,
     /// The state changes of the batch so far, read before the store.
     state: MemoryState,
-    index: Vec<Vec<u8>>,
+    index: Vec<(Vec<u8>, u64)>,
 }
 
 impl<'a> Batch<'a> {
@@ -667,7 +667,11 @@ impl<'a> Batch<'a> {
         self.hashes.pending.extend(new_hashes);
         self.prev_leaf = leaf.0;
         self.event_ids.insert(event.event_id.clone(), seq);
-        self.index.extend(index_keys(seq, event, &evaluation));
+        self.index.extend(
+            index_terms(event, &evaluation)
+                .into_iter()
+                .map(|term| (term, seq)),
+        );
         self.state.apply(evaluation.delta);
         self.entries.push(PendingEntry { signed, bytes });
         Ok((seq, leaf))

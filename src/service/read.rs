@@ -166,9 +166,7 @@ pub fn query_scanning(
             break;
         }
         for term in terms.iter().skip(1) {
-            let mut key = term.clone();
-            key.extend_from_slice(&seq.to_be_bytes());
-            if !ledger.store().has_index(&key).map_err(storage)? {
+            if !ledger.store().index_contains(term, seq).map_err(storage)? {
                 continue 'candidates;
             }
         }
@@ -253,9 +251,10 @@ pub fn trace(ledger: &Ledger, seq: u64) -> Result<TraceBundle, Status> {
             true,
         ) {
             let candidate = candidate.map_err(storage)?;
-            let mut key = validations.clone();
-            key.extend_from_slice(&candidate.to_be_bytes());
-            if store.has_index(&key).map_err(storage)? {
+            if store
+                .index_contains(&validations, candidate)
+                .map_err(storage)?
+            {
                 seqs.insert(candidate);
                 found += 1;
                 if found >= MAX_TRACE_VALIDATIONS {

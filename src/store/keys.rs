@@ -13,7 +13,7 @@
 //! | `k` | key_id | `KeyRecord` (protobuf) |
 //! | `c` | consent_id | `ConsentRecord` (protobuf) |
 //! | `t` | token_id | `TokenRecord` (protobuf) |
-//! | `x` | field tag, value, `0x00`, seq | empty: the secondary index for `Audit.Query` |
+//! | `x` | field tag, value, `0x00`, first seq | a postings block of the secondary index for `Audit.Query` (below) |
 //! | `m` | name | ledger metadata: `checkpoint` (newest signed note), `size` (its tree size), `rebuilding` (a rebuild is under way) |
 //!
 //! Only `e` is primary; everything else is derived from the entries and can be rebuilt.
@@ -21,6 +21,13 @@
 //! `tag value 0x00` is a prefix that matches exactly one value. Index field tags: `u` user,
 //! `a` agent, `t` token, `c` consent, `r` resource server, `k` kind (enum number in decimal),
 //! `s` verdict status (enum number in decimal).
+//!
+//! Postings blocks: a group commit writes one `x` key per index term it touches, not one per
+//! entry, so a batch of 2,000 actions of one kind costs one key, not 2,000. The key ends with
+//! the term's first seq in that batch; the value holds the term's further seqs of the batch as
+//! LEB128 varint gaps (each > 0). An empty value is a block of one (the format of one key per
+//! entry is thus a special case). Blocks of one term never overlap: each covers seqs of one
+//! batch, and batches are disjoint and ordered.
 
 pub const ENTRY: u8 = b'e';
 pub const HASH_PAGE: u8 = b'h';
@@ -50,9 +57,15 @@ pub fn index_prefix(tag: u8, value: &str) -> Vec<u8> {
     key
 }
 
-/// The index key filing entry `seq` under `value` of field `tag`.
+/// The key of the postings block of `value` of field `tag` that starts at `seq`.
 pub fn index(tag: u8, value: &str, seq: u64) -> Vec<u8> {
-    let mut key = index_prefix(tag, value);
+    block_key(&index_prefix(tag, value), seq)
+}
+
+/// The key of the postings block of the term `prefix` (from [`index_prefix`]) starting at `seq`.
+pub fn block_key(prefix: &[u8], seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + 8);
+    key.extend_from_slice(prefix);
     key.extend_from_slice(&seq.to_be_bytes());
     key
 }
@@ -61,6 +74,53 @@ pub fn index(tag: u8, value: &str, seq: u64) -> Vec<u8> {
 pub fn index_seq(key: &[u8]) -> Option<u64> {
     let tail = key.len().checked_sub(8)?;
     decode_u64(&key[tail..])
+}
+
+/// The value of a postings block holding `seqs` (strictly increasing; the first is in the
+/// key): the gaps after the first, as varints.
+pub fn encode_postings(seqs: &[u64]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(seqs.len().saturating_sub(1) * 2);
+    for pair in seqs.windows(2) {
+        let mut gap = pair[1].saturating_sub(pair[0]);
+        loop {
+            let byte = (gap & 0x7f) as u8;
+            gap >>= 7;
+            if gap == 0 {
+                value.push(byte);
+                break;
+            }
+            value.push(byte | 0x80);
+        }
+    }
+    value
+}
+
+/// The seqs of a postings block whose key ends with `first`; `None` if the value is malformed
+/// (a truncated varint, a zero gap, an overflow).
+pub fn decode_postings(first: u64, value: &[u8]) -> Option<Vec<u64>> {
+    let mut seqs = vec![first];
+    let mut current = first;
+    let mut gap: u64 = 0;
+    let mut shift = 0u32;
+    for &byte in value {
+        // A u64 needs at most ten varint bytes, the tenth holding only its top bit.
+        if shift > 63 || (shift == 63 && byte & 0x7f > 1) {
+            return None;
+        }
+        gap |= u64::from(byte & 0x7f).checked_shl(shift)?;
+        if byte & 0x80 != 0 {
+            shift += 7;
+            continue;
+        }
+        if gap == 0 {
+            return None;
+        }
+        current = current.checked_add(gap)?;
+        seqs.push(current);
+        gap = 0;
+        shift = 0;
+    }
+    (shift == 0).then_some(seqs)
 }
 
 /// Metadata name of the newest signed checkpoint note.
@@ -131,5 +191,29 @@ mod tests {
         assert!(a.starts_with(&prefix) && b.starts_with(&prefix));
         assert!(!other.starts_with(&prefix), "'al' must not match 'alice'");
         assert_eq!(index_seq(&a), Some(300));
+    }
+
+    #[test]
+    fn postings_blocks_round_trip_and_refuse_malformed_values() {
+        for seqs in [
+            vec![7],
+            vec![0, 1, 2, 3],
+            vec![5, 200, 70_000, 1 << 40, u64::MAX],
+        ] {
+            let value = encode_postings(&seqs);
+            assert_eq!(decode_postings(seqs[0], &value), Some(seqs.clone()));
+        }
+        assert_eq!(
+            encode_postings(&[9]),
+            Vec::<u8>::new(),
+            "a block of one is empty"
+        );
+        assert_eq!(decode_postings(1, &[0x80]), None, "truncated varint");
+        assert_eq!(decode_postings(1, &[0]), None, "zero gap");
+        assert_eq!(decode_postings(u64::MAX, &[1]), None, "overflow");
+        assert_eq!(decode_postings(1, &[0xff; 11]), None, "overlong varint");
+        let mut too_big = vec![0xff; 9];
+        too_big.push(0x02);
+        assert_eq!(decode_postings(0, &too_big), None, "more than 64 bits");
     }
 }

@@ -69,8 +69,9 @@ pub struct Commit {
     pub consents: Vec<(String, ConsentRecord)>,
     /// Token records that are new or changed.
     pub tokens: Vec<(String, TokenRecord)>,
-    /// Index keys (see [`keys::index`]) of the new entries.
-    pub index: Vec<Vec<u8>>,
+    /// Postings of the new entries: (term, seq), the term an index prefix from
+    /// [`keys::index_prefix`]; each term's seqs in increasing order.
+    pub index: Vec<(Vec<u8>, u64)>,
     /// The checkpoint note over the tree including these entries.
     pub checkpoint: String,
 }
@@ -235,7 +236,8 @@ impl Store {
     }
 
     /// Seqs filed under `prefix` (from [`keys::index_prefix`]) within `(after, before)`
-    /// (both exclusive), newest first when `descending`.
+    /// (both exclusive), newest first when `descending`. Lazy: blocks are read as the
+    /// iterator advances.
     pub fn index_seqs(
         &self,
         prefix: &[u8],
@@ -243,39 +245,76 @@ impl Store {
         before: Option<u64>,
         descending: bool,
     ) -> Box<dyn Iterator<Item = Result<u64, StoreError>> + Send> {
-        let key_at = |seq: u64| {
-            let mut key = prefix.to_vec();
-            key.extend_from_slice(&seq.to_be_bytes());
-            key
-        };
         let low = match after {
-            Some(seq) if seq == u64::MAX => return Box::new(std::iter::empty()),
-            Some(seq) => key_at(seq + 1),
-            None => key_at(0),
+            Some(u64::MAX) => return Box::new(std::iter::empty()),
+            Some(seq) => seq + 1,
+            None => 0,
         };
         let high = match before {
             Some(0) => return Box::new(std::iter::empty()),
-            Some(seq) => key_at(seq - 1),
-            None => key_at(u64::MAX),
+            Some(seq) => seq - 1,
+            None => u64::MAX,
         };
         if low > high {
             return Box::new(std::iter::empty());
         }
-        let range = self.tree.range(low..=high);
-        let decode = |item: sled::Result<(sled::IVec, sled::IVec)>| -> Result<u64, StoreError> {
-            let (key, _) = item?;
-            keys::index_seq(&key).ok_or_else(|| StoreError::Corrupt("malformed index key".into()))
+        // The block holding `low` may start before it.
+        let start = match self.postings_block_at(prefix, low) {
+            Ok(Some((key, _))) => key,
+            Ok(None) => keys::block_key(prefix, low),
+            Err(error) => return Box::new(std::iter::once(Err(error))),
+        };
+        let range = self.tree.range(start..=keys::block_key(prefix, high));
+        let in_range = move |block: sled::Result<(sled::IVec, sled::IVec)>| {
+            let seqs = block
+                .map_err(StoreError::from)
+                .and_then(|(key, value)| decode_block(&key, &value));
+            match seqs {
+                Ok(seqs) => seqs
+                    .into_iter()
+                    .filter(|seq| (low..=high).contains(seq))
+                    .map(Ok)
+                    .collect::<Vec<_>>(),
+                Err(error) => vec![Err(error)],
+            }
         };
         if descending {
-            Box::new(range.rev().map(decode))
+            Box::new(range.rev().flat_map(move |block| {
+                let mut seqs = in_range(block);
+                seqs.reverse();
+                seqs
+            }))
         } else {
-            Box::new(range.map(decode))
+            Box::new(range.flat_map(in_range))
         }
     }
 
-    /// Whether the index key exists.
-    pub fn has_index(&self, key: &[u8]) -> Result<bool, StoreError> {
-        Ok(self.tree.contains_key(key)?)
+    /// Whether entry `seq` is filed under `prefix` (from [`keys::index_prefix`]).
+    pub fn index_contains(&self, prefix: &[u8], seq: u64) -> Result<bool, StoreError> {
+        Ok(match self.postings_block_at(prefix, seq)? {
+            Some((key, value)) => decode_block(&key, &value)?.binary_search(&seq).is_ok(),
+            None => false,
+        })
+    }
+
+    /// The postings block of `prefix` that would hold `seq`: the last one starting at or
+    /// before it.
+    fn postings_block_at(
+        &self,
+        prefix: &[u8],
+        seq: u64,
+    ) -> Result<Option<(Vec<u8>, sled::IVec)>, StoreError> {
+        match self
+            .tree
+            .range(keys::block_key(prefix, 0)..=keys::block_key(prefix, seq))
+            .next_back()
+        {
+            Some(item) => {
+                let (key, value) = item?;
+                Ok(Some((key.to_vec(), value)))
+            }
+            None => Ok(None),
+        }
     }
 
     /// Whether any entry is stored (even if the derived data is gone).
@@ -416,8 +455,18 @@ impl Store {
                 prost::Message::encode_to_vec(record),
             );
         }
-        for key in &commit.index {
-            batch.insert(key.as_slice(), &[]);
+        // One postings block per term (see `keys`): the term's first seq in the key, the
+        // rest in the value.
+        let mut postings: std::collections::BTreeMap<&[u8], Vec<u64>> = Default::default();
+        for (term, seq) in &commit.index {
+            postings.entry(term.as_slice()).or_default().push(*seq);
+        }
+        for (term, mut seqs) in postings {
+            seqs.sort_unstable();
+            seqs.dedup();
+            if let Some(&first) = seqs.first() {
+                batch.insert(keys::block_key(term, first), keys::encode_postings(&seqs));
+            }
         }
         batch.insert(
             keys::named(keys::META, keys::META_SIZE),
@@ -440,6 +489,12 @@ impl Store {
         self.db.flush()?;
         Ok(())
     }
+}
+
+fn decode_block(key: &[u8], value: &[u8]) -> Result<Vec<u64>, StoreError> {
+    keys::index_seq(key)
+        .and_then(|first| keys::decode_postings(first, value))
+        .ok_or_else(|| StoreError::Corrupt("malformed index postings block".into()))
 }
 
 fn reader_error(error: StoreError) -> tlog_tiles::Error {
@@ -534,6 +589,14 @@ mod tests {
                 reference.push(leaf);
                 commit.entries.push(bytes);
                 commit.event_ids.push((format!("ev-{seq}"), seq));
+                commit
+                    .index
+                    .push((keys::index_prefix(keys::FIELD_USER, "all"), seq));
+                if seq % 3 == 0 {
+                    commit
+                        .index
+                        .push((keys::index_prefix(keys::FIELD_USER, "thirds"), seq));
+                }
                 seq += 1;
             }
             commit.hashes = pending.pending;
@@ -550,6 +613,67 @@ mod tests {
             proof,
             merkle::inclusion_proof(123, seq, &reference).unwrap()
         );
+        // Postings: one block per term per commit, read back over any window in either order.
+        let thirds = keys::index_prefix(keys::FIELD_USER, "thirds");
+        let all = keys::index_prefix(keys::FIELD_USER, "all");
+        let blocks = store.tree.scan_prefix(&all).count();
+        assert_eq!(blocks, 6, "one block per commit");
+        for (after, before) in [
+            (None, None),
+            (Some(5), Some(400)),
+            (Some(0), Some(1)),
+            (None, Some(9)),
+        ] {
+            for descending in [false, true] {
+                let mut expected: Vec<u64> = (0..seq)
+                    .filter(|s| s % 3 == 0)
+                    .filter(|s| after.is_none_or(|a| *s > a) && before.is_none_or(|b| *s < b))
+                    .collect();
+                if descending {
+                    expected.reverse();
+                }
+                let got: Vec<u64> = store
+                    .index_seqs(&thirds, after, before, descending)
+                    .map(Result::unwrap)
+                    .collect();
+                assert_eq!(
+                    got, expected,
+                    "after {after:?} before {before:?} desc {descending}"
+                );
+            }
+        }
+        for probe in 0..seq + 2 {
+            assert_eq!(
+                store.index_contains(&thirds, probe).unwrap(),
+                probe % 3 == 0 && probe < seq
+            );
+        }
+        let all = keys::index_prefix(keys::FIELD_USER, "all");
+        assert_eq!(
+            store.index_seqs(&all, None, None, false).count() as u64,
+            seq
+        );
+        // A key per entry with an empty value (blocks of one) reads the same way.
+        let single = keys::index_prefix(keys::FIELD_AGENT, "single");
+        for s in [4u64, 9, 10] {
+            store.tree.insert(keys::block_key(&single, s), &[]).unwrap();
+        }
+        let got: Vec<u64> = store
+            .index_seqs(&single, Some(4), None, true)
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(got, vec![10, 9]);
+        assert!(store.index_contains(&single, 9).unwrap());
+        assert!(!store.index_contains(&single, 5).unwrap());
+        // A malformed block is reported, not skipped.
+        store
+            .tree
+            .insert(keys::block_key(&single, 20), &[0x80])
+            .unwrap();
+        assert!(matches!(
+            store.index_contains(&single, 20),
+            Err(StoreError::Corrupt(_))
+        ));
         drop(store);
         // Reopen: same head.
         let store = Store::open(dir.path()).unwrap();
