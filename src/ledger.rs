@@ -10,7 +10,7 @@
 //! Concurrency: `append_batch` must be called by one thread at a time (the group-commit task);
 //! the read methods may be called from anywhere at any time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::RwLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -115,7 +115,8 @@ impl Ledger {
             size_tx,
             failed: Default::default(),
         };
-        let mut batch = Batch::new(&ledger.store, 0)?;
+        let none_in_flight = VecDeque::new();
+        let mut batch = Batch::new(&ledger.store, 0, &none_in_flight)?;
         let ledger_record = KeyRecord {
             public_key: ledger_key.verifying_key().to_bytes().to_vec(),
             ..KeyRecord::default()
@@ -124,7 +125,9 @@ impl Ledger {
             .map_err(view_error)?
             .map_err(|e| LedgerError::Mismatch(format!("genesis refused: {e}")))?;
         batch.push(signed, &event, evaluation, now_ms())?;
-        ledger.commit(batch)?;
+        let (commit, head, _) = ledger.seal(batch)?;
+        ledger.store.commit(&commit)?;
+        ledger.publish(head);
         Ok(ledger)
     }
 
@@ -207,28 +210,23 @@ impl Ledger {
     /// a receipt (fresh or, for an exact retry, the original with `duplicate = true`) or the
     /// refusal. Receipts are returned only after the batch is durable. A storage failure fails
     /// the whole batch and nothing in it is acknowledged.
+    ///
+    /// The same as [`prepare`](Self::prepare) followed by
+    /// [`append_prepared`](Self::append_prepared).
     pub fn append_batch(
         &self,
         events: Vec<SignedEvent>,
     ) -> Result<Vec<Result<Receipt, Refusal>>, StoreError> {
-        use std::sync::atomic::Ordering;
-        if self.failed.load(Ordering::SeqCst) {
-            return Err(StoreError::Stopped);
-        }
-        let outcome = self.append_batch_unchecked(events);
-        if outcome.is_err() {
-            self.failed.store(true, Ordering::SeqCst);
-        }
-        outcome
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.append_prepared(self.prepare(events, threads))
     }
 
-    fn append_batch_unchecked(
-        &self,
-        events: Vec<SignedEvent>,
-    ) -> Result<Vec<Result<Receipt, Refusal>>, StoreError> {
-        let now = now_ms();
-        let mut batch = Batch::new(&self.store, self.head().tree_size)?;
-        // Decode once, then check every signature of the batch on every core.
+    /// The first stage of an append, which may run while an earlier batch is being committed:
+    /// decodes the events and batch-verifies their signatures on up to `threads` threads
+    /// against the keys registered so far. Writes nothing; the result only saves
+    /// [`append_prepared`](Self::append_prepared) work (any event it could not check, e.g.
+    /// one signed by a key granted in a batch not yet committed, is checked there).
+    pub fn prepare(&self, events: Vec<SignedEvent>, threads: usize) -> PreparedBatch {
         let decoded: Vec<Result<Event, prost::DecodeError>> = events
             .iter()
             .map(|signed| Event::decode(signed.payload.as_slice()))
@@ -242,19 +240,135 @@ impl Ledger {
                 let record = self.store.key(key_id).ok().flatten()?;
                 <[u8; 32]>::try_from(record.public_key.as_slice()).ok()
             },
-            // Strict, so the server accepts exactly what a rebuild (strict) accepts.
-            trust::Check::Strict,
+            threads,
         );
+        PreparedBatch {
+            events,
+            decoded,
+            preverified,
+        }
+    }
+
+    /// The second and third stages of an append, one after the other: judges each prepared
+    /// event in order against the state before it, commits the accepted ones as one durable
+    /// batch with one checkpoint and returns the outcomes (as
+    /// [`append_batch`](Self::append_batch)). Must not run concurrently with another append.
+    pub fn append_prepared(
+        &self,
+        prepared: PreparedBatch,
+    ) -> Result<Vec<Result<Receipt, Refusal>>, StoreError> {
+        self.append_prepared_observed(prepared, |_| ())
+    }
+
+    /// As [`append_prepared`](Self::append_prepared), also showing `observe` the batch's
+    /// durable form just before it is written (the load generator replays these to measure
+    /// the store alone).
+    pub fn append_prepared_observed(
+        &self,
+        prepared: PreparedBatch,
+        observe: impl FnOnce(&Commit),
+    ) -> Result<Vec<Result<Receipt, Refusal>>, StoreError> {
+        let mut in_flight = InFlight::default();
+        let judged = self.judge(prepared, &mut in_flight)?;
+        self.write(judged, observe)
+    }
+
+    /// The second stage of an append, which may run while the previous batch is being
+    /// written: judges each prepared event in order against the state before it (the store,
+    /// then the batches in `in_flight`, then the batch so far), builds the accepted ones into
+    /// entries and signs the checkpoint that will cover them. Writes nothing; the batch joins
+    /// `in_flight` so the next batch sees it.
+    ///
+    /// Batches must be judged by one thread, with one `InFlight`, in the order they are then
+    /// given to [`write`](Self::write). A storage failure here stops the ledger's appends as
+    /// one in `write` does.
+    pub fn judge(
+        &self,
+        prepared: PreparedBatch,
+        in_flight: &mut InFlight,
+    ) -> Result<JudgedBatch, StoreError> {
+        self.unless_failed(|| self.judge_unchecked(prepared, in_flight))
+    }
+
+    /// The third stage of an append: commits a judged batch durably (one atomic write, one
+    /// flush), publishes the new head, and only then returns the receipts and refusals, in
+    /// the order of the events. A storage failure fails the whole batch, acknowledges nothing
+    /// and stops further appends (later batches already judged fail with
+    /// [`StoreError::Stopped`]) until the ledger is restarted.
+    pub fn write(
+        &self,
+        judged: JudgedBatch,
+        observe: impl FnOnce(&Commit),
+    ) -> Result<Vec<Result<Receipt, Refusal>>, StoreError> {
+        self.unless_failed(|| self.write_unchecked(judged, observe))
+    }
+
+    /// Runs `stage` unless an earlier storage failure stopped appends; a failure of `stage`
+    /// stops them.
+    fn unless_failed<T>(
+        &self,
+        stage: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        use std::sync::atomic::Ordering;
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(StoreError::Stopped);
+        }
+        let outcome = stage();
+        if outcome.is_err() {
+            self.failed.store(true, Ordering::SeqCst);
+        }
+        outcome
+    }
+
+    fn judge_unchecked(
+        &self,
+        prepared: PreparedBatch,
+        in_flight: &mut InFlight,
+    ) -> Result<JudgedBatch, StoreError> {
+        let now = now_ms();
+        let durable_size = self.head().tree_size;
+        in_flight.prune(durable_size);
+        let mut batch = Batch::new(&self.store, durable_size, &in_flight.batches)?;
+        let PreparedBatch {
+            events,
+            decoded,
+            preverified,
+        } = prepared;
         let mut outcomes = Vec::with_capacity(events.len());
         for ((signed, event), preverified) in events.into_iter().zip(decoded).zip(preverified) {
             outcomes.push(self.admit(signed, event, preverified, now, &mut batch)?);
         }
-        let head = if batch.entries.is_empty() {
-            self.head()
-        } else {
-            self.commit(batch)?
+        if batch.entries.is_empty() {
+            return Ok(JudgedBatch {
+                commit: None,
+                outcomes,
+            });
+        }
+        let (commit, head, uncommitted) = self.seal(batch)?;
+        in_flight.batches.push_back(uncommitted);
+        Ok(JudgedBatch {
+            commit: Some((commit, head)),
+            outcomes,
+        })
+    }
+
+    fn write_unchecked(
+        &self,
+        judged: JudgedBatch,
+        observe: impl FnOnce(&Commit),
+    ) -> Result<Vec<Result<Receipt, Refusal>>, StoreError> {
+        let head = match judged.commit {
+            Some((commit, head)) => {
+                observe(&commit);
+                self.store.commit(&commit)?;
+                self.publish(head.clone());
+                head
+            }
+            None => self.head(),
         };
-        outcomes
+        // Every earlier batch was written before this one, so every seq named here is stored.
+        judged
+            .outcomes
             .into_iter()
             .map(|outcome| match outcome {
                 Admitted::Refused(refusal) => Ok(Err(refusal)),
@@ -371,23 +485,54 @@ impl Ledger {
         }
     }
 
-    /// Signs the batch's checkpoint, commits it durably and publishes the new head.
-    fn commit(&self, batch: Batch<'_>) -> Result<Head, StoreError> {
+    /// Signs the checkpoint over the tree including the batch and builds its durable form.
+    fn seal(&self, batch: Batch<'_>) -> Result<(Commit, Head, Uncommitted), StoreError> {
         let tree_size = batch.next_seq();
         let root = merkle::root(tree_size, &batch.hashes)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let checkpoint = self.signer.sign(tree_size, &root);
-        let commit = batch.into_commit(checkpoint.clone());
-        self.store.commit(&commit)?;
+        let (commit, uncommitted) = batch.into_commit(checkpoint.clone());
         let head = Head {
             tree_size,
             root,
             checkpoint,
         };
-        *self.head.write().unwrap_or_else(|e| e.into_inner()) = head.clone();
-        self.size_tx.send_replace(tree_size);
-        Ok(head)
+        Ok((commit, head, uncommitted))
     }
+
+    /// Makes a durable head the one readers see.
+    fn publish(&self, head: Head) {
+        let tree_size = head.tree_size;
+        *self.head.write().unwrap_or_else(|e| e.into_inner()) = head;
+        self.size_tx.send_replace(tree_size);
+    }
+}
+
+/// Events decoded and signature-checked by [`Ledger::prepare`], waiting to be judged and
+/// committed by [`Ledger::append_prepared`].
+pub struct PreparedBatch {
+    events: Vec<SignedEvent>,
+    decoded: Vec<Result<Event, prost::DecodeError>>,
+    preverified: Vec<Option<[u8; 32]>>,
+}
+
+impl PreparedBatch {
+    /// Number of events.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Whether it holds no event.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
+/// A batch judged by [`Ledger::judge`], waiting for [`Ledger::write`].
+pub struct JudgedBatch {
+    /// The durable form of the accepted entries and the head it makes, if any was accepted.
+    commit: Option<(Commit, Head)>,
+    outcomes: Vec<Admitted>,
 }
 
 /// Entries replayed per commit while rebuilding.
@@ -411,7 +556,8 @@ fn rebuild(store: &Store, signer: &CheckpointSigner) -> Result<(), LedgerError> 
     let mut next = 0u64;
     while next < total {
         let end = total.min(next + REBUILD_CHUNK as u64);
-        let mut batch = Batch::new(store, next)?;
+        let none_in_flight = VecDeque::new();
+        let mut batch = Batch::new(store, next, &none_in_flight)?;
         for item in store.entries(next, end) {
             let (seq, bytes) = item?;
             let corrupt = |what: String| {
@@ -446,7 +592,7 @@ fn rebuild(store: &Store, signer: &CheckpointSigner) -> Result<(), LedgerError> 
         let tree_size = batch.next_seq();
         let root = merkle::root(tree_size, &batch.hashes)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        store.commit(&batch.into_commit(signer.sign(tree_size, &root)))?;
+        store.commit(&batch.into_commit(signer.sign(tree_size, &root)).0)?;
         next = end;
     }
     store.finish_rebuild()?;
@@ -559,13 +705,55 @@ pub(crate) fn index_terms(event: &Event, evaluation: &Evaluation) -> Vec<Vec<u8>
     terms
 }
 
-/// The batch being assembled: committed state plus what the batch has added so far.
+/// A judged batch whose commit may not be durable yet: what later batches must see of it
+/// before the store has it.
+struct Uncommitted {
+    first_seq: u64,
+    last_leaf: [u8; 32],
+    event_ids: HashMap<String, u64>,
+    state: MemoryState,
+    signed: Vec<SignedEvent>,
+    hashes: Vec<Hash>,
+}
+
+impl Uncommitted {
+    fn end(&self) -> u64 {
+        self.first_seq + self.signed.len() as u64
+    }
+}
+
+/// The judge stage's memory of batches it has judged that the store may not have yet (at
+/// most the few batches between the judge and the writer). Owned by the one thread that
+/// judges.
+#[derive(Default)]
+pub struct InFlight {
+    batches: VecDeque<Uncommitted>,
+}
+
+impl InFlight {
+    /// Forgets the batches the store has made durable (ending at or below `durable_size`).
+    fn prune(&mut self, durable_size: u64) {
+        while self
+            .batches
+            .front()
+            .is_some_and(|batch| batch.end() <= durable_size)
+        {
+            self.batches.pop_front();
+        }
+    }
+}
+
+/// The batch being assembled: committed state, then the batches in flight, then what this
+/// batch has added so far.
 struct Batch<'a> {
     store: &'a Store,
+    in_flight: &'a VecDeque<Uncommitted>,
     first_seq: u64,
     prev_leaf: [u8; 32],
     entries: Vec<PendingEntry>,
     hashes: PendingHashes<'a>,
+    /// Where this batch's own hashes start in `hashes.pending` (after the in-flight ones).
+    own_hashes: usize,
     event_ids: HashMap<String, u64>,
     /// The state changes of the batch so far, read before the store.
     state: MemoryState,
@@ -573,31 +761,49 @@ struct Batch<'a> {
 }
 
 impl<'a> Batch<'a> {
-    /// A batch whose first entry will be `first_seq` (the committed tree size).
-    fn new(store: &'a Store, first_seq: u64) -> Result<Self, StoreError> {
-        let prev_leaf = match first_seq.checked_sub(1) {
-            None => [0; 32],
-            Some(last) => {
-                use merkle::HashReader as _;
-                store
-                    .read_hashes(&[merkle::leaf_stored_index(last)])
-                    .map_err(|e| StoreError::Corrupt(format!("leaf hash of entry {last}: {e}")))?
-                    .first()
-                    .map(|hash| hash.0)
-                    .ok_or_else(|| {
-                        StoreError::Corrupt(format!("leaf hash of entry {last} is missing"))
-                    })?
-            }
+    /// A batch following the committed log (`durable_size` entries) and the batches in flight
+    /// after it.
+    fn new(
+        store: &'a Store,
+        durable_size: u64,
+        in_flight: &'a VecDeque<Uncommitted>,
+    ) -> Result<Self, StoreError> {
+        let base = in_flight.front().map_or(durable_size, |b| b.first_seq);
+        let first_seq = in_flight.back().map_or(durable_size, Uncommitted::end);
+        let prev_leaf = match in_flight.back() {
+            Some(batch) => batch.last_leaf,
+            None => match first_seq.checked_sub(1) {
+                None => [0; 32],
+                Some(last) => {
+                    use merkle::HashReader as _;
+                    store
+                        .read_hashes(&[merkle::leaf_stored_index(last)])
+                        .map_err(|e| {
+                            StoreError::Corrupt(format!("leaf hash of entry {last}: {e}"))
+                        })?
+                        .first()
+                        .map(|hash| hash.0)
+                        .ok_or_else(|| {
+                            StoreError::Corrupt(format!("leaf hash of entry {last} is missing"))
+                        })?
+                }
+            },
         };
+        let pending: Vec<Hash> = in_flight
+            .iter()
+            .flat_map(|b| b.hashes.iter().copied())
+            .collect();
         Ok(Self {
             store,
+            in_flight,
             first_seq,
             prev_leaf,
             entries: Vec::new(),
+            own_hashes: pending.len(),
             hashes: PendingHashes {
                 store,
-                start: merkle::stored_hash_count(first_seq),
-                pending: Vec::new(),
+                start: merkle::stored_hash_count(base),
+                pending,
             },
             event_ids: HashMap::new(),
             state: MemoryState::new(),
@@ -610,8 +816,11 @@ impl<'a> Batch<'a> {
     }
 
     fn event_seq(&self, event_id: &str) -> Result<Option<u64>, StoreError> {
-        match self.event_ids.get(event_id) {
-            Some(&seq) => Ok(Some(seq)),
+        let found = std::iter::once(&self.event_ids)
+            .chain(self.in_flight.iter().map(|b| &b.event_ids))
+            .find_map(|ids| ids.get(event_id).copied());
+        match found {
+            Some(seq) => Ok(Some(seq)),
             None => self.store.event_seq(event_id),
         }
     }
@@ -627,6 +836,16 @@ impl<'a> Batch<'a> {
                 .ok_or_else(|| {
                     StoreError::Corrupt(format!("event id index points past the log at {seq}"))
                 });
+        }
+        if let Some(batch) = self
+            .in_flight
+            .iter()
+            .find(|b| (b.first_seq..b.end()).contains(&seq))
+        {
+            let offset = usize::try_from(seq - batch.first_seq).unwrap_or(usize::MAX);
+            if let Some(signed) = batch.signed.get(offset) {
+                return Ok(signed.clone());
+            }
         }
         let bytes = self.store.entry(seq)?.ok_or_else(|| {
             StoreError::Corrupt(format!("event id index points to missing entry {seq}"))
@@ -677,24 +896,37 @@ impl<'a> Batch<'a> {
         Ok((seq, leaf))
     }
 
-    /// The durable form of the batch, with its checkpoint.
-    fn into_commit(self, checkpoint: String) -> Commit {
+    /// The durable form of the batch, with its checkpoint, and what later batches must see
+    /// of it until it is durable.
+    fn into_commit(self, checkpoint: String) -> (Commit, Uncommitted) {
+        let hashes = self.hashes.pending[self.own_hashes..].to_vec();
+        let uncommitted_state = self.state.clone();
         let (keys, consents, tokens) = self.state.into_parts();
-        Commit {
+        let (signed, entries) = self
+            .entries
+            .into_iter()
+            .map(|pending| (pending.signed, pending.bytes))
+            .unzip();
+        let uncommitted = Uncommitted {
             first_seq: self.first_seq,
-            entries: self
-                .entries
-                .into_iter()
-                .map(|pending| pending.bytes)
-                .collect(),
-            hashes: self.hashes.pending,
+            last_leaf: self.prev_leaf,
+            event_ids: self.event_ids.clone(),
+            state: uncommitted_state,
+            signed,
+            hashes: hashes.clone(),
+        };
+        let commit = Commit {
+            first_seq: self.first_seq,
+            entries,
+            hashes,
             event_ids: self.event_ids.into_iter().collect(),
             keys,
             consents,
             tokens,
             index: self.index,
             checkpoint,
-        }
+        };
+        (commit, uncommitted)
     }
 }
 
@@ -702,24 +934,37 @@ fn view_result<T>(result: Result<Option<T>, StoreError>) -> Result<Option<T>, Vi
     result.map_err(|e| ViewError(e.to_string()))
 }
 
+impl Batch<'_> {
+    /// The newest state first: this batch, then the batches in flight, newest first.
+    fn overlays(&self) -> impl Iterator<Item = &MemoryState> {
+        std::iter::once(&self.state).chain(self.in_flight.iter().rev().map(|b| &b.state))
+    }
+}
+
 impl TrustView for Batch<'_> {
     fn key(&self, key_id: &str) -> Result<Option<KeyRecord>, ViewError> {
-        match self.state.key(key_id)? {
-            Some(record) => Ok(Some(record)),
-            None => view_result(self.store.key(key_id)),
+        for state in self.overlays() {
+            if let Some(record) = state.key(key_id)? {
+                return Ok(Some(record));
+            }
         }
+        view_result(self.store.key(key_id))
     }
     fn consent(&self, consent_id: &str) -> Result<Option<ConsentRecord>, ViewError> {
-        match self.state.consent(consent_id)? {
-            Some(record) => Ok(Some(record)),
-            None => view_result(self.store.consent(consent_id)),
+        for state in self.overlays() {
+            if let Some(record) = state.consent(consent_id)? {
+                return Ok(Some(record));
+            }
         }
+        view_result(self.store.consent(consent_id))
     }
     fn token(&self, token_id: &str) -> Result<Option<TokenRecord>, ViewError> {
-        match self.state.token(token_id)? {
-            Some(record) => Ok(Some(record)),
-            None => view_result(self.store.token(token_id)),
+        for state in self.overlays() {
+            if let Some(record) = state.token(token_id)? {
+                return Ok(Some(record));
+            }
         }
+        view_result(self.store.token(token_id))
     }
 }
 
@@ -779,5 +1024,171 @@ mod tests {
         let checkpoint = checkpoint::open(&receipts[0].checkpoint, &verifier).unwrap();
         assert_eq!(checkpoint.tree_size(), 10);
         assert_eq!(ledger.head().tree_size, 10);
+    }
+
+    /// A ledger with an admin, a user key and an issuer key registered.
+    fn ledger_with_keys(dir: &std::path::Path) -> (Ledger, SigningKey, SigningKey) {
+        let admin = SigningKey::from_bytes(&[1; 32]);
+        let user = SigningKey::from_bytes(&[3; 32]);
+        let issuer = SigningKey::from_bytes(&[4; 32]);
+        let params = GenesisParams {
+            origin: "test/ledger".into(),
+            admin_public_key: admin.verifying_key().to_bytes(),
+            max_clock_skew_ms: 60_000,
+        };
+        let ledger = Ledger::create(
+            Store::open(dir).unwrap(),
+            SigningKey::from_bytes(&[2; 32]),
+            &params,
+        )
+        .unwrap();
+        let grant = |key: &SigningKey, role: Role, principal: &str| {
+            envelope::sign_event(
+                &admin,
+                &Event {
+                    event_id: format!("grant-{principal}"),
+                    occurred_at_ms: now_ms(),
+                    body: Some(Body::KeyGrant(KeyGrant {
+                        public_key: key.verifying_key().to_bytes().to_vec(),
+                        role: role as i32,
+                        principal: principal.into(),
+                        not_before_ms: 0,
+                        not_after_ms: 0,
+                    })),
+                },
+            )
+        };
+        let outcomes = ledger
+            .append_batch(vec![
+                grant(&user, Role::User, "alice"),
+                grant(&issuer, Role::Issuer, "as.example"),
+            ])
+            .unwrap();
+        assert!(outcomes.iter().all(Result::is_ok));
+        (ledger, user, issuer)
+    }
+
+    fn consent_and_token(user: &SigningKey, issuer: &SigningKey) -> (SignedEvent, SignedEvent) {
+        use crate::proto::{Consent, Issuance};
+        let now = now_ms();
+        let consent = envelope::sign_event(
+            user,
+            &Event {
+                event_id: "consent-1".into(),
+                occurred_at_ms: now,
+                body: Some(Body::Consent(Consent {
+                    consent_id: "c1".into(),
+                    user: "alice".into(),
+                    agent: "assistant".into(),
+                    scopes: vec!["mail:read".into()],
+                    audiences: vec!["mail.example".into()],
+                    expires_at_ms: now + 3_600_000,
+                    max_delegation_depth: 1,
+                    ..Consent::default()
+                })),
+            },
+        );
+        let token = envelope::sign_event(
+            issuer,
+            &Event {
+                event_id: "issue-1".into(),
+                occurred_at_ms: now,
+                body: Some(Body::Issuance(Issuance {
+                    token_id: "t1".into(),
+                    token_sha256: vec![7; 32],
+                    consent_id: "c1".into(),
+                    user: "alice".into(),
+                    agent: "assistant".into(),
+                    scopes: vec!["mail:read".into()],
+                    audiences: vec!["mail.example".into()],
+                    not_before_ms: now - 1_000,
+                    expires_at_ms: now + 600_000,
+                    grant_type: "authorization_code".into(),
+                    ..Issuance::default()
+                })),
+            },
+        );
+        (consent, token)
+    }
+
+    #[test]
+    fn a_batch_judged_before_the_previous_is_written_sees_all_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, user, issuer) = ledger_with_keys(dir.path());
+        let (consent, token) = consent_and_token(&user, &issuer);
+        // The same event_id with other content: not a retry.
+        let mut other = Event::decode(consent.payload.as_slice()).unwrap();
+        other.occurred_at_ms += 1;
+        let reused = envelope::sign_event(&user, &other);
+        let before = ledger.head().tree_size;
+
+        let mut in_flight = InFlight::default();
+        let first = ledger
+            .judge(ledger.prepare(vec![consent.clone()], 1), &mut in_flight)
+            .unwrap();
+        let second = ledger
+            .judge(
+                ledger.prepare(vec![token, consent, reused], 1),
+                &mut in_flight,
+            )
+            .unwrap();
+        assert_eq!(ledger.head().tree_size, before, "judging writes nothing");
+
+        let first = ledger.write(first, |_| ()).unwrap();
+        let second = ledger.write(second, |_| ()).unwrap();
+        let consent_receipt = first[0].as_ref().unwrap();
+        assert_eq!(consent_receipt.seq, before);
+        // The token traces to the consent of the batch that was not yet written.
+        let token_receipt = second[0].as_ref().unwrap();
+        assert_eq!(token_receipt.seq, before + 1);
+        assert_eq!(
+            token_receipt.verdict.as_ref().unwrap().status,
+            crate::proto::TraceStatus::Traced as i32
+        );
+        // An exact retry of an unwritten event is recognised, with the original seq.
+        let retry = second[1].as_ref().unwrap();
+        assert!(retry.duplicate);
+        assert_eq!(retry.seq, before);
+        assert_eq!(retry.leaf_hash, consent_receipt.leaf_hash);
+        assert!(matches!(second[2], Err(Refusal::EventIdReused { seq, .. }) if seq == before));
+        assert_eq!(ledger.head().tree_size, before + 2);
+
+        // What was committed in two overlapping stages rebuilds to the same head.
+        let head = ledger.head();
+        drop(ledger);
+        let store = Store::open(dir.path()).unwrap();
+        store.drop_derived().unwrap();
+        let reopened = Ledger::open(store, SigningKey::from_bytes(&[2; 32])).unwrap();
+        assert_eq!(reopened.head().root, head.root);
+    }
+
+    #[test]
+    fn a_failed_write_stops_the_batches_judged_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, user, issuer) = ledger_with_keys(dir.path());
+        let (consent, token) = consent_and_token(&user, &issuer);
+        let before = ledger.head().tree_size;
+        let mut in_flight = InFlight::default();
+        let first = ledger
+            .judge(ledger.prepare(vec![consent], 1), &mut in_flight)
+            .unwrap();
+        let second = ledger
+            .judge(ledger.prepare(vec![token], 1), &mut in_flight)
+            .unwrap();
+        // Written out of order, the second batch does not start at the committed size: the
+        // store refuses it, and nothing after that is written or acknowledged.
+        assert!(matches!(
+            ledger.write(second, |_| ()),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            ledger.write(first, |_| ()),
+            Err(StoreError::Stopped)
+        ));
+        assert_eq!(ledger.head().tree_size, before);
+        assert!(matches!(
+            ledger.append_batch(vec![]),
+            Err(StoreError::Stopped)
+        ));
     }
 }

@@ -426,7 +426,7 @@ impl<S: ReplayState> ExportVerifier<S> {
     /// Finds each entry's likely signer key (registered before the chunk, or granted earlier
     /// in it) and batch-verifies the signatures on every core. Returns, per entry, the key its
     /// signature verified under. Only a hint: `judge` checks the key is the registered one and
-    /// verifies strictly otherwise.
+    /// verifies the signature itself otherwise.
     fn preverify(&self, entries: &[Option<Entry>]) -> Vec<Option<[u8; 32]>> {
         let decoded: Vec<Option<(&crate::proto::SignedEvent, Option<Event>)>> = entries
             .iter()
@@ -450,7 +450,7 @@ impl<S: ReplayState> ExportVerifier<S> {
                 let record = self.state.key(key_id).ok().flatten()?;
                 <[u8; 32]>::try_from(record.public_key.as_slice()).ok()
             },
-            trust::Check::Batch,
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
         )
     }
 

@@ -5,21 +5,30 @@
 //! event before the clock starts (per session: a user-signed consent, a token, one or two
 //! delegation hops, validations, several actions, some denials and revocations), sends them
 //! over `--streams` concurrent `AppendStream`s (whole sessions per stream, so each chain stays
-//! in order), and prints events/s, receipt latency percentiles and the refused count. At the
-//! end it checks that the tree grew by exactly the number of events acknowledged.
+//! in order) or as many unary clients, as fast as possible or at an offered `--rate`. It prints
+//! events/s, receipt latency percentiles (from when each event was due to be sent, so a slow
+//! server cannot hide its queueing) and the refused count, and checks that the tree grew by
+//! exactly the number of events acknowledged.
+//!
+//! Then, in the same run on the same machine, it measures two reference rates over the same
+//! events: Ed25519 batch verification on every core, and the store alone committing the same
+//! entries, hashes, state and index keys (captured from an in-process ledger, replayed into a
+//! fresh sled store with one flush per batch, no network, no verification), and prints the
+//! ingest rate's ratio to each.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 use clap::Parser;
 use custody::envelope;
+use custody::ledger::{GenesisParams, Ledger};
 use custody::proto::{
     audit_client::AuditClient, event::Body, ledger_client::LedgerClient, revocation::Target,
     Action, Consent, Denial, DenialReason, Event, GetCheckpointRequest, Issuance, KeyGrant,
-    Revocation, Role, SignedEvent, Validation,
+    Receipt, Revocation, Role, SignedEvent, Validation,
 };
 use custody::server::KeyPairJson;
+use custody::store::Store;
 use ed25519_dalek::SigningKey;
 use sha2::Digest as _;
 use tokio_stream::StreamExt as _;
@@ -48,6 +57,20 @@ struct Args {
     /// A run id, so repeated runs against one ledger use fresh ids.
     #[arg(long, default_value_t = std::process::id().to_string())]
     run: String,
+    /// Offered load in events/s over all streams (open loop, paced in 1 ms steps); 0 sends as
+    /// fast as the server takes them.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Send with unary `Append` calls (one event in flight per client, `--streams` clients)
+    /// instead of `AppendStream`s.
+    #[arg(long)]
+    unary: bool,
+    /// Skip the two reference rates (batch verification, store only).
+    #[arg(long)]
+    no_reference: bool,
+    /// Events per commit in the store-only reference.
+    #[arg(long, default_value_t = 1000)]
+    reference_batch: usize,
 }
 
 fn now_ms() -> i64 {
@@ -262,6 +285,18 @@ async fn main() -> anyhow::Result<()> {
             )
         })
         .collect();
+    let grant_events_for_reference = grant_events.clone();
+    let public_keys: std::collections::HashMap<String, [u8; 32]> = grants
+        .iter()
+        .map(|(key, _, _)| {
+            let public = key.verifying_key().to_bytes();
+            (envelope::key_id(&public), public)
+        })
+        .chain(std::iter::once({
+            let public = admin.verifying_key().to_bytes();
+            (envelope::key_id(&public), public)
+        }))
+        .collect();
     let granted = ledger
         .append_stream(tokio_stream::iter(grant_events))
         .await?
@@ -290,43 +325,25 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("sending {total} events over {streams} streams ...");
 
     let started = Instant::now();
+    let rate_per_stream = (args.rate > 0).then(|| args.rate as f64 / streams as f64);
     let mut tasks = Vec::new();
-    for events in per_stream {
-        let mut client = ledger.clone();
+    for events in per_stream.clone() {
+        let client = ledger.clone();
+        let unary = args.unary;
         tasks.push(tokio::spawn(async move {
-            let sent_at = Arc::new(Mutex::new(Vec::with_capacity(events.len())));
-            let stamps = sent_at.clone();
-            let outbound = tokio_stream::iter(events).map(move |event| {
-                if let Ok(mut stamps) = stamps.lock() {
-                    stamps.push(Instant::now());
-                }
-                event
-            });
-            let mut inbound = client.append_stream(outbound).await?.into_inner();
-            let (mut latencies, mut acked, mut refused, mut index) =
-                (Vec::new(), 0u64, 0u64, 0usize);
-            while let Some(receipt) = inbound.next().await {
-                let receipt = receipt?;
-                let sent = sent_at.lock().ok().and_then(|s| s.get(index).copied());
-                if let Some(sent) = sent {
-                    latencies.push(sent.elapsed());
-                }
-                index += 1;
-                if receipt.error.is_some() {
-                    refused += 1;
-                } else if !receipt.duplicate {
-                    acked += 1;
-                }
+            if unary {
+                send_unary(client, events, rate_per_stream).await
+            } else {
+                send_stream(client, events, rate_per_stream).await
             }
-            Ok::<_, anyhow::Error>((latencies, acked, refused))
         }));
     }
     let (mut latencies, mut acked, mut refused) = (Vec::new(), 0u64, 0u64);
     for task in tasks {
-        let (l, a, r) = task.await??;
-        latencies.extend(l);
-        acked += a;
-        refused += r;
+        let outcome = task.await??;
+        latencies.extend(outcome.latencies);
+        acked += outcome.acked;
+        refused += outcome.refused;
     }
     let elapsed = started.elapsed();
     latencies.sort_unstable();
@@ -360,5 +377,266 @@ async fn main() -> anyhow::Result<()> {
         ));
     }
     println!("check:              tree grew by exactly the acknowledged count");
+    if args.no_reference {
+        return Ok(());
+    }
+    let ingest = acked as f64 / elapsed.as_secs_f64();
+    let all: Vec<SignedEvent> = grant_events_for_reference
+        .into_iter()
+        .chain(per_stream.into_iter().flatten())
+        .collect();
+    eprintln!(
+        "reference: batch verification of {} signatures ...",
+        all.len()
+    );
+    let verify_rate = tokio::task::spawn_blocking({
+        let (all, keys) = (all.clone(), public_keys.clone());
+        move || reference_verify(&all, &keys)
+    })
+    .await??;
+    println!(
+        "reference verify:   {verify_rate:.0} signatures/s (Ed25519 batch verification, {} threads)",
+        threads()
+    );
+    eprintln!("reference: store only ...");
+    let batch = args.reference_batch.max(1);
+    let (store_rate, committed) =
+        tokio::task::spawn_blocking(move || reference_store(all, &admin, batch)).await??;
+    println!(
+        "reference store:    {store_rate:.0} events/s ({committed} entries, commits of {batch}, one flush each)"
+    );
+    println!(
+        "ratios:             ingest / verify {:.2}, ingest / store {:.2}",
+        ingest / verify_rate,
+        ingest / store_rate
+    );
     Ok(())
+}
+
+/// What one sender saw.
+struct Sent {
+    latencies: Vec<Duration>,
+    acked: u64,
+    refused: u64,
+}
+
+impl Sent {
+    fn record(&mut self, due: Instant, receipt: &Receipt) {
+        self.latencies.push(due.elapsed());
+        if receipt.error.is_some() {
+            self.refused += 1;
+        } else if !receipt.duplicate {
+            self.acked += 1;
+        }
+    }
+}
+
+/// When each event is due: now for an unpaced run, else spread at `rate` events/s.
+fn due_times(count: usize, rate: Option<f64>, start: Instant) -> Vec<Instant> {
+    (0..count)
+        .map(|i| match rate {
+            Some(rate) => start + Duration::from_secs_f64(i as f64 / rate),
+            None => start,
+        })
+        .collect()
+}
+
+/// Sends `events` over one AppendStream, paced by a feeder task. Latency counts from when an
+/// event was due (or handed to the stream, unpaced) to its receipt.
+async fn send_stream(
+    mut client: LedgerClient<tonic::transport::Channel>,
+    events: Vec<SignedEvent>,
+    rate: Option<f64>,
+) -> anyhow::Result<Sent> {
+    let count = events.len();
+    let (tx, rx) = tokio::sync::mpsc::channel::<SignedEvent>(4096);
+    let (stamp_tx, mut stamp_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let feeder = tokio::spawn(async move {
+        let due = due_times(count, rate, Instant::now());
+        for (event, due) in events.into_iter().zip(due) {
+            if rate.is_some() {
+                tokio::time::sleep_until(due.into()).await;
+            }
+            let stamp = if rate.is_some() { due } else { Instant::now() };
+            if stamp_tx.send(stamp).is_err() || tx.send(event).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut inbound = client
+        .append_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut sent = Sent {
+        latencies: Vec::with_capacity(count),
+        acked: 0,
+        refused: 0,
+    };
+    while let Some(receipt) = inbound.next().await {
+        let receipt = receipt?;
+        let due = stamp_rx
+            .recv()
+            .await
+            .ok_or_else(|| anyhow!("a receipt arrived for an event never sent"))?;
+        sent.record(due, &receipt);
+    }
+    feeder.await?;
+    Ok(sent)
+}
+
+/// Sends `events` one unary `Append` at a time (paced if `rate` is set).
+async fn send_unary(
+    mut client: LedgerClient<tonic::transport::Channel>,
+    events: Vec<SignedEvent>,
+    rate: Option<f64>,
+) -> anyhow::Result<Sent> {
+    let due = due_times(events.len(), rate, Instant::now());
+    let mut sent = Sent {
+        latencies: Vec::with_capacity(events.len()),
+        acked: 0,
+        refused: 0,
+    };
+    for (event, due) in events.into_iter().zip(due) {
+        if rate.is_some() {
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let stamp = if rate.is_some() { due } else { Instant::now() };
+        let receipt = match client.append(event).await {
+            Ok(receipt) => receipt.into_inner(),
+            Err(status) if is_refusal(&status) => Receipt {
+                error: Some(custody::proto::ReceiptError::default()),
+                ..Receipt::default()
+            },
+            Err(status) => return Err(status.into()),
+        };
+        sent.record(stamp, &receipt);
+    }
+    Ok(sent)
+}
+
+/// A unary refusal (the event was judged and not written), as opposed to a transport error.
+fn is_refusal(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::InvalidArgument
+            | tonic::Code::Unauthenticated
+            | tonic::Code::PermissionDenied
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::AlreadyExists
+    )
+}
+
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Ed25519 batch verification of every event's signature (keys parsed beforehand), split
+/// over every core in batches of 1,024: signatures per second.
+fn reference_verify(
+    events: &[SignedEvent],
+    keys: &std::collections::HashMap<String, [u8; 32]>,
+) -> anyhow::Result<f64> {
+    let parsed: std::collections::HashMap<&str, ed25519_dalek::VerifyingKey> = keys
+        .iter()
+        .map(|(id, key)| Ok((id.as_str(), envelope::parse_public_key(key)?)))
+        .collect::<Result<_, envelope::SignatureError>>()?;
+    let items: Vec<envelope::BatchItem<'_>> = events
+        .iter()
+        .map(|event| {
+            Ok(envelope::BatchItem {
+                key: *parsed
+                    .get(event.key_id.as_str())
+                    .ok_or_else(|| anyhow!("no key for {}", event.key_id))?,
+                payload: &event.payload,
+                signature: &event.signature,
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let per_thread = items.len().div_ceil(threads()).max(1);
+    let started = Instant::now();
+    let bad = std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(per_thread)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.chunks(1024)
+                        .map(|batch| {
+                            envelope::verify_batch(batch)
+                                .iter()
+                                .filter(|ok| !**ok)
+                                .count()
+                        })
+                        .sum::<usize>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(usize::MAX))
+            .sum::<usize>()
+    });
+    let elapsed = started.elapsed();
+    if bad != 0 {
+        return Err(anyhow!("{bad} signatures failed batch verification"));
+    }
+    Ok(items.len() as f64 / elapsed.as_secs_f64())
+}
+
+/// The store alone: appends `events` to an in-process ledger in a scratch directory,
+/// capturing each batch's durable form, then times committing those same batches (entries,
+/// hashes, event ids, state, index keys, checkpoint; one flush each) into a fresh store.
+/// Returns events/s and the number of entries committed.
+fn reference_store(
+    events: Vec<SignedEvent>,
+    admin: &SigningKey,
+    batch: usize,
+) -> anyhow::Result<(f64, u64)> {
+    let scratch = std::env::temp_dir().join(format!("custody-loadgen-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(scratch.clone());
+    let params = GenesisParams {
+        origin: "loadgen/reference".into(),
+        admin_public_key: admin.verifying_key().to_bytes(),
+        // Events were signed before the run started; the reference must not refuse them.
+        max_clock_skew_ms: 86_400_000,
+    };
+    let ledger_key = SigningKey::generate(&mut rand::rngs::OsRng);
+    let captured = {
+        let ledger = Ledger::create(
+            Store::open(&scratch.join("a"))?,
+            ledger_key.clone(),
+            &params,
+        )?;
+        let mut captured = Vec::new();
+        for chunk in events.chunks(batch) {
+            let prepared = ledger.prepare(chunk.to_vec(), threads());
+            let outcomes = ledger
+                .append_prepared_observed(prepared, |commit| captured.push(commit.clone()))?;
+            if let Some(refusal) = outcomes.iter().find_map(|o| o.as_ref().err()) {
+                return Err(anyhow!("the reference ledger refused an event: {refusal}"));
+            }
+        }
+        captured
+    };
+    drop(Ledger::create(
+        Store::open(&scratch.join("b"))?,
+        ledger_key,
+        &params,
+    )?);
+    let store = Store::open(&scratch.join("b"))?;
+    let started = Instant::now();
+    let mut committed = 0u64;
+    for commit in &captured {
+        store.commit(commit)?;
+        committed += commit.entries.len() as u64;
+    }
+    let elapsed = started.elapsed();
+    Ok((committed as f64 / elapsed.as_secs_f64(), committed))
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -1,8 +1,16 @@
-//! Group commit: events from every connection queue here; one task takes whatever has
-//! arrived (up to a batch limit), appends it as one durable batch on a blocking thread, and
-//! only then answers each submitter.
+//! Group commit in three stages, each on its own blocking thread, so that a machine's cores
+//! work on three batches at once. Events from every connection queue here.
 //!
-//! The queue is bounded, so when the store falls behind, submitters wait for room instead of
+//! 1. Verify: takes whatever has arrived (up to a batch limit), decodes it and batch-verifies
+//!    its signatures on every core ([`Ledger::prepare`]).
+//! 2. Judge: in order, judges each event against the state before it, builds the entries and
+//!    signs the batch's checkpoint ([`Ledger::judge`]); it sees the batches still being
+//!    written through its [`InFlight`] memory.
+//! 3. Write: in order, commits each batch with one atomic write and one flush
+//!    ([`Ledger::write`]) and only then answers each submitter.
+//!
+//! Every queue is bounded (the submission queue by `capacity` events, each hand-over between
+//! stages by one batch), so when the store falls behind, submitters wait for room instead of
 //! growing memory (backpressure).
 
 use std::sync::Arc;
@@ -10,7 +18,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
-use crate::ledger::Ledger;
+use crate::ledger::{InFlight, JudgedBatch, Ledger, PreparedBatch};
 use crate::proto::{Receipt, SignedEvent};
 
 use super::status;
@@ -52,7 +60,18 @@ impl CommitQueue {
     /// Starts the group-commit task for `ledger`.
     pub fn start(ledger: Arc<Ledger>, limits: QueueLimits) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(limits.capacity.max(1));
-        let task = tokio::spawn(run(ledger, rx, limits.max_batch.max(1)));
+        // One batch waits at each hand-over: enough to keep every stage busy, little enough to
+        // bound memory.
+        let (prepared_tx, prepared_rx) = mpsc::channel(1);
+        let (judged_tx, judged_rx) = mpsc::channel(1);
+        tokio::spawn(verify_stage(
+            ledger.clone(),
+            rx,
+            prepared_tx,
+            limits.max_batch.max(1),
+        ));
+        tokio::spawn(judge_stage(ledger.clone(), prepared_rx, judged_tx));
+        let task = tokio::spawn(write_stage(ledger, judged_rx));
         (Self { tx }, task)
     }
 
@@ -68,17 +87,79 @@ impl CommitQueue {
     }
 }
 
-async fn run(ledger: Arc<Ledger>, mut rx: mpsc::Receiver<Submission>, max_batch: usize) {
+type Replies = Vec<oneshot::Sender<Reply>>;
+
+/// Takes what has arrived, prepares it off the runtime and hands it to the commit stage.
+/// Ends when every submitter is gone.
+async fn verify_stage(
+    ledger: Arc<Ledger>,
+    mut rx: mpsc::Receiver<Submission>,
+    prepared_tx: mpsc::Sender<(PreparedBatch, Replies)>,
+    max_batch: usize,
+) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut submissions = Vec::with_capacity(max_batch);
     loop {
         if rx.recv_many(&mut submissions, max_batch).await == 0 {
             break;
         }
-        let (events, replies): (Vec<_>, Vec<_>) =
+        let (events, replies): (Vec<_>, Replies) =
             submissions.drain(..).map(|s| (s.event, s.reply)).unzip();
         let ledger_for_batch = ledger.clone();
+        let prepared =
+            tokio::task::spawn_blocking(move || ledger_for_batch.prepare(events, threads)).await;
+        match prepared {
+            Ok(prepared) => {
+                if prepared_tx.send((prepared, replies)).await.is_err() {
+                    break;
+                }
+            }
+            Err(join_error) => fail_all(replies, &join_error),
+        }
+    }
+}
+
+/// Judges prepared batches in order and hands them to the write stage. A storage failure
+/// answers the batch's submitters; the ledger then refuses every later batch.
+async fn judge_stage(
+    ledger: Arc<Ledger>,
+    mut prepared_rx: mpsc::Receiver<(PreparedBatch, Replies)>,
+    judged_tx: mpsc::Sender<(JudgedBatch, Replies)>,
+) {
+    let mut in_flight = Some(InFlight::default());
+    while let Some((prepared, replies)) = prepared_rx.recv().await {
+        let ledger_for_batch = ledger.clone();
+        let mut memory = in_flight.take().unwrap_or_default();
+        let judged = tokio::task::spawn_blocking(move || {
+            let judged = ledger_for_batch.judge(prepared, &mut memory);
+            (judged, memory)
+        })
+        .await;
+        match judged {
+            Ok((Ok(judged), memory)) => {
+                in_flight = Some(memory);
+                if judged_tx.send((judged, replies)).await.is_err() {
+                    break;
+                }
+            }
+            Ok((Err(error), memory)) => {
+                in_flight = Some(memory);
+                fail_storage(replies, &error);
+            }
+            // The memory of batches in flight is lost with the panicked thread; the ledger's
+            // own checks (a commit must start at the committed size) refuse what follows.
+            Err(join_error) => fail_all(replies, &join_error),
+        }
+    }
+}
+
+/// Writes judged batches in order and answers their submitters once each is durable.
+/// Ends (after a final flush) when the earlier stages have ended and everything is written.
+async fn write_stage(ledger: Arc<Ledger>, mut judged_rx: mpsc::Receiver<(JudgedBatch, Replies)>) {
+    while let Some((judged, replies)) = judged_rx.recv().await {
+        let ledger_for_batch = ledger.clone();
         let outcome =
-            tokio::task::spawn_blocking(move || ledger_for_batch.append_batch(events)).await;
+            tokio::task::spawn_blocking(move || ledger_for_batch.write(judged, |_| ())).await;
         match outcome {
             Ok(Ok(outcomes)) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
@@ -86,23 +167,27 @@ async fn run(ledger: Arc<Ledger>, mut rx: mpsc::Receiver<Submission>, max_batch:
                     let _ = reply.send(outcome.map_err(|refusal| status::refusal(&refusal)));
                 }
             }
-            Ok(Err(error)) => {
-                let status = status::storage(&error);
-                for reply in replies {
-                    let _ = reply.send(Err(status.clone()));
-                }
-            }
-            Err(join_error) => {
-                tracing::error!(%join_error, "append task panicked");
-                for reply in replies {
-                    let _ = reply.send(Err(Status::internal(
-                        "internal error; the batch was not acknowledged",
-                    )));
-                }
-            }
+            Ok(Err(error)) => fail_storage(replies, &error),
+            Err(join_error) => fail_all(replies, &join_error),
         }
     }
     if let Err(error) = ledger.store().flush() {
         tracing::error!(%error, "final flush failed");
+    }
+}
+
+fn fail_storage(replies: Replies, error: &crate::store::StoreError) {
+    let status = status::storage(error);
+    for reply in replies {
+        let _ = reply.send(Err(status.clone()));
+    }
+}
+
+fn fail_all(replies: Replies, join_error: &tokio::task::JoinError) {
+    tracing::error!(%join_error, "append task panicked");
+    for reply in replies {
+        let _ = reply.send(Err(Status::internal(
+            "internal error; the batch was not acknowledged",
+        )));
     }
 }

@@ -53,7 +53,7 @@ pub struct Head {
 }
 
 /// One group commit: entries `first_seq ..` and everything derived from them.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Commit {
     /// Seq of the first entry; must equal the current tree size.
     pub first_seq: u64,
@@ -592,7 +592,7 @@ mod tests {
                 commit
                     .index
                     .push((keys::index_prefix(keys::FIELD_USER, "all"), seq));
-                if seq % 3 == 0 {
+                if seq.is_multiple_of(3) {
                     commit
                         .index
                         .push((keys::index_prefix(keys::FIELD_USER, "thirds"), seq));

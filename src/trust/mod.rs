@@ -30,7 +30,7 @@ pub use limits::{
     MAX_REPEATED, MAX_TEXT_LEN, MAX_TIME_MS,
 };
 pub use memory::MemoryState;
-pub use preverify::{preverify, Check};
+pub use preverify::preverify;
 pub use records::{ConsentRecord, TokenRecord};
 
 use crate::envelope;
@@ -224,7 +224,7 @@ pub(crate) fn not_applicable() -> Verdict {
 }
 
 /// Finds the signer's key, checks it is valid at the event's time and verifies the signature
-/// (strict Ed25519 over the DSSE PAE of the payload). `preverified` names a public key under
+/// (Ed25519 over the DSSE PAE of the payload, by the signature rule of [`envelope`]). `preverified` names a public key under
 /// which the caller has already verified this very signature (e.g. in a batch); when the
 /// signer's registered key is that key, the signature is not verified again.
 pub fn authenticate(
