@@ -106,8 +106,15 @@ async fn verify_stage(
         let (events, replies): (Vec<_>, Replies) =
             submissions.drain(..).map(|s| (s.event, s.reply)).unzip();
         let ledger_for_batch = ledger.clone();
+        let started = std::time::Instant::now();
+        let count = events.len();
         let prepared =
             tokio::task::spawn_blocking(move || ledger_for_batch.prepare(events, threads)).await;
+        tracing::debug!(
+            stage = "verify",
+            events = count,
+            micros = started.elapsed().as_micros() as u64
+        );
         match prepared {
             Ok(prepared) => {
                 if prepared_tx.send((prepared, replies)).await.is_err() {
@@ -130,11 +137,18 @@ async fn judge_stage(
     while let Some((prepared, replies)) = prepared_rx.recv().await {
         let ledger_for_batch = ledger.clone();
         let mut memory = in_flight.take().unwrap_or_default();
+        let started = std::time::Instant::now();
+        let count = prepared.len();
         let judged = tokio::task::spawn_blocking(move || {
             let judged = ledger_for_batch.judge(prepared, &mut memory);
             (judged, memory)
         })
         .await;
+        tracing::debug!(
+            stage = "judge",
+            events = count,
+            micros = started.elapsed().as_micros() as u64
+        );
         match judged {
             Ok((Ok(judged), memory)) => {
                 in_flight = Some(memory);
@@ -158,8 +172,15 @@ async fn judge_stage(
 async fn write_stage(ledger: Arc<Ledger>, mut judged_rx: mpsc::Receiver<(JudgedBatch, Replies)>) {
     while let Some((judged, replies)) = judged_rx.recv().await {
         let ledger_for_batch = ledger.clone();
+        let started = std::time::Instant::now();
+        let count = replies.len();
         let outcome =
             tokio::task::spawn_blocking(move || ledger_for_batch.write(judged, |_| ())).await;
+        tracing::debug!(
+            stage = "write",
+            events = count,
+            micros = started.elapsed().as_micros() as u64
+        );
         match outcome {
             Ok(Ok(outcomes)) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
