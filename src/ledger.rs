@@ -972,6 +972,7 @@ impl TrustView for Batch<'_> {
 mod tests {
     use super::*;
     use crate::proto::{KeyGrant, Role};
+    use sha2::Digest as _;
 
     #[test]
     fn a_batch_is_one_commit_with_one_checkpoint_and_refusals_do_not_disturb_it() {
@@ -1190,5 +1191,106 @@ mod tests {
             ledger.append_batch(vec![]),
             Err(StoreError::Stopped)
         ));
+    }
+
+    #[test]
+    fn the_offline_verifier_follows_keys_granted_in_the_chunk_before() {
+        use crate::proto::Consent;
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, _, _) = ledger_with_keys(dir.path());
+        let admin = SigningKey::from_bytes(&[1; 32]);
+        let now = now_ms();
+        let mut events = Vec::new();
+        // A grant, then two consents signed by the key it grants: the verifier's chunks of
+        // 4,096 split some of these triples, so a key is granted in one chunk and used in the
+        // next while the first is still being judged.
+        for i in 0..3000u32 {
+            let seed: [u8; 32] = sha2::Sha256::digest(i.to_be_bytes()).into();
+            let user = SigningKey::from_bytes(&seed);
+            events.push(envelope::sign_event(
+                &admin,
+                &Event {
+                    event_id: format!("grant-u{i}"),
+                    occurred_at_ms: now,
+                    body: Some(Body::KeyGrant(KeyGrant {
+                        public_key: user.verifying_key().to_bytes().to_vec(),
+                        role: Role::User as i32,
+                        principal: format!("u{i}"),
+                        not_before_ms: 0,
+                        not_after_ms: 0,
+                    })),
+                },
+            ));
+            for c in 0..2 {
+                events.push(envelope::sign_event(
+                    &user,
+                    &Event {
+                        event_id: format!("consent-u{i}-{c}"),
+                        occurred_at_ms: now,
+                        body: Some(Body::Consent(Consent {
+                            consent_id: format!("c{i}-{c}"),
+                            user: format!("u{i}"),
+                            agent: "assistant".into(),
+                            scopes: vec!["mail:read".into()],
+                            expires_at_ms: now + 60_000,
+                            ..Consent::default()
+                        })),
+                    },
+                ));
+            }
+        }
+        for chunk in events.chunks(1000) {
+            let outcomes = ledger.append_batch(chunk.to_vec()).unwrap();
+            assert!(outcomes.iter().all(Result::is_ok));
+        }
+        let head = ledger.head();
+        assert!(head.tree_size > 2 * 4096);
+        let key = LedgerVerifier::parse(&ledger.verifier_key()).unwrap();
+        let entries = || {
+            ledger
+                .store()
+                .entries(0, head.tree_size)
+                .map(|item| item.map(|(_, bytes)| bytes))
+        };
+        let report = crate::verify::verify_entries(
+            &head.checkpoint,
+            entries(),
+            &key,
+            None,
+            MemoryState::new(),
+            |_, _| (),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(report.tree_size, head.tree_size);
+        assert_eq!(report.violations_total, 0);
+
+        // A signature broken in the third chunk is found, at its entry.
+        let target = 2 * 4096 + 10;
+        let tampered = entries().map(|item| {
+            item.map(|bytes| {
+                let mut entry = Entry::decode(bytes.as_slice()).unwrap();
+                if entry.seq == target {
+                    if let Some(signed) = entry.event.as_mut() {
+                        signed.signature[5] ^= 1;
+                    }
+                }
+                entry.encode_to_vec()
+            })
+        });
+        let failure = crate::verify::verify_entries(
+            &head.checkpoint,
+            tampered,
+            &key,
+            None,
+            MemoryState::new(),
+            |_, _| (),
+        )
+        .unwrap()
+        .unwrap_err();
+        assert!(
+            failure.to_string().contains(&target.to_string()),
+            "{failure}"
+        );
     }
 }

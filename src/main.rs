@@ -19,7 +19,7 @@ use custody::proto::{
 };
 use custody::scratch::DiskState;
 use custody::server::{self, Config, KeyPairJson};
-use custody::store::Store;
+use custody::store::{keys, Store};
 use custody::{envelope, export, inspect, verify};
 use tokio_stream::StreamExt as _;
 
@@ -141,6 +141,13 @@ enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Prints what a stopped ledger's store holds: keys and bytes per kind of key, and the
+    /// size of the database directory on disk.
+    StoreStats {
+        /// The stopped ledger's data directory.
+        #[arg(long, default_value = server::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
     },
     /// Registers a key: sends an admin-signed KeyGrant and prints the receipt as JSON.
     GrantKey {
@@ -469,6 +476,9 @@ async fn run(cli: Cli) -> anyhow::Result<Result<(), Failure>> {
                 .and_then(|b| verify::verify_trace_bundle(&b, &key).map_err(|e| e.to_string()));
             return Ok(report_trace(outcome, json));
         }
+        Command::StoreStats { data_dir } => {
+            tokio::task::spawn_blocking(move || store_stats(&data_dir)).await??;
+        }
         Command::GrantKey {
             server,
             admin_key,
@@ -519,6 +529,77 @@ fn read_ledger_key(arg: &str) -> anyhow::Result<LedgerVerifier> {
         None => arg.to_owned(),
     };
     LedgerVerifier::parse(&text).map_err(|e| anyhow!("--ledger-key: {e}"))
+}
+
+fn store_stats(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let db = data_dir.join("db");
+    let store = Store::open(&db).with_context(|| format!("couldn't open {}", db.display()))?;
+    let usage = store.usage()?;
+    let on_disk = directory_bytes(&db)?;
+    let name = |prefix: u8| match prefix {
+        keys::ENTRY => "entries",
+        keys::HASH_PAGE => "hash pages",
+        keys::EVENT_ID => "event ids",
+        keys::KEY => "key registry",
+        keys::CONSENT => "consents",
+        keys::TOKEN => "tokens",
+        keys::INDEX => "index postings",
+        keys::META => "metadata",
+        _ => "other",
+    };
+    outln!(
+        "{:<16} {:>12} {:>14} {:>14}",
+        "kind",
+        "keys",
+        "key bytes",
+        "value bytes"
+    );
+    let mut total = (0u64, 0u64, 0u64);
+    for row in &usage {
+        outln!(
+            "{:<16} {:>12} {:>14} {:>14}",
+            name(row.prefix),
+            row.keys,
+            row.key_bytes,
+            row.value_bytes
+        );
+        total.0 += row.keys;
+        total.1 += row.key_bytes;
+        total.2 += row.value_bytes;
+    }
+    outln!(
+        "{:<16} {:>12} {:>14} {:>14}",
+        "total",
+        total.0,
+        total.1,
+        total.2
+    );
+    let entry_bytes = usage
+        .iter()
+        .find(|row| row.prefix == keys::ENTRY)
+        .map_or(0, |row| row.value_bytes);
+    outln!(
+        "on disk: {on_disk} bytes in {}; {:.2} x the entries' bytes",
+        db.display(),
+        on_disk as f64 / entry_bytes.max(1) as f64
+    );
+    Ok(())
+}
+
+fn directory_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for item in
+        std::fs::read_dir(dir).with_context(|| format!("couldn't read {}", dir.display()))?
+    {
+        let item = item?;
+        let meta = item.metadata()?;
+        total += if meta.is_dir() {
+            directory_bytes(&item.path())?
+        } else {
+            meta.len()
+        };
+    }
+    Ok(total)
 }
 
 async fn export(

@@ -2,6 +2,7 @@
 //! exports later. Pure: it reads no files and opens no sockets; callers hand it bytes.
 
 use prost::Message as _;
+use std::collections::HashMap;
 
 use crate::checkpoint::{self, CheckpointError, LedgerVerifier};
 use crate::merkle::{self, ProofError};
@@ -315,12 +316,73 @@ fn kind_label(kind: crate::proto::EventKind) -> String {
 /// Entries whose signatures are verified together (one Ed25519 batch per core).
 const CHUNK_ENTRIES: usize = 4096;
 
-/// Verifies a whole ledger entry by entry, in memory bounded by one chunk of entries plus the
-/// trust state (keys, consents, tokens). Feed it every entry in order, then call
+/// A chunk of entries whose signatures have been checked.
+struct Preverified {
+    chunk: Vec<Vec<u8>>,
+    entries: Vec<Option<Entry>>,
+    /// Per entry, the key its signature verified under, if any.
+    keys: Vec<Option<[u8; 32]>>,
+    /// The keys the chunk's grants name, by key id.
+    grants: Vec<(String, [u8; 32])>,
+}
+
+/// Decodes a chunk and batch-verifies its signatures on every core, finding each signer's
+/// key among `hints` or the chunk's own earlier grants. Only a hint for the judge, which
+/// checks the key is the registered one and verifies the signature itself otherwise.
+fn preverify_chunk(chunk: Vec<Vec<u8>>, hints: &HashMap<String, [u8; 32]>) -> Preverified {
+    use crate::proto::event::Body;
+    let entries: Vec<Option<Entry>> = chunk
+        .iter()
+        .map(|bytes| Entry::decode(bytes.as_slice()).ok())
+        .collect();
+    let decoded: Vec<Option<(&crate::proto::SignedEvent, Option<Event>)>> = entries
+        .iter()
+        .map(|entry| {
+            let signed = entry.as_ref()?.event.as_ref()?;
+            Some((signed, Event::decode(signed.payload.as_slice()).ok()))
+        })
+        .collect();
+    let grants: Vec<(String, [u8; 32])> = decoded
+        .iter()
+        .filter_map(|item| match item.as_ref()?.1.as_ref()?.body.as_ref()? {
+            Body::KeyGrant(grant) => {
+                let key = <[u8; 32]>::try_from(grant.public_key.as_slice()).ok()?;
+                Some((crate::envelope::key_id(&key), key))
+            }
+            _ => None,
+        })
+        .collect();
+    // Entries that cannot be checked stand in as a signature that matches no key.
+    let placeholder = crate::proto::SignedEvent::default();
+    let keys = trust::preverify(
+        decoded.iter().map(|item| match item {
+            Some((signed, event)) => (*signed, event.as_ref()),
+            None => (&placeholder, None),
+        }),
+        |key_id| hints.get(key_id).copied(),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    );
+    drop(decoded);
+    Preverified {
+        chunk,
+        entries,
+        keys,
+        grants,
+    }
+}
+
+/// Verifies a whole ledger entry by entry, in memory bounded by two chunks of entries plus
+/// the trust state (keys, consents, tokens). Feed it every entry in order, then call
 /// [`finish`](Self::finish). Signatures are checked a chunk at a time with Ed25519 batch
-/// verification on every core; everything else runs in ledger order.
+/// verification on every core, overlapping with the judging of the chunk before (which runs
+/// in ledger order).
 pub struct ExportVerifier<S: ReplayState = MemoryState> {
     pending: Vec<Vec<u8>>,
+    /// The chunk whose signatures are checked, waiting to be judged.
+    ready: Option<Preverified>,
+    /// Every key the ledger key or a grant seen so far names, by key id: where signatures are
+    /// checked before the grants are judged. Only hints (see [`trust::preverify`]).
+    key_hints: HashMap<String, [u8; 32]>,
     checkpoint: checkpoint::VerifiedCheckpoint,
     previous: Option<checkpoint::VerifiedCheckpoint>,
     ledger_key: [u8; 32],
@@ -374,8 +436,11 @@ impl<S: ReplayState> ExportVerifier<S> {
             violations_total: 0,
             violations: Vec::new(),
         };
+        let ledger_key = *key.public_key();
         Ok(Self {
             pending: Vec::with_capacity(CHUNK_ENTRIES),
+            ready: None,
+            key_hints: HashMap::from([(crate::envelope::key_id(&ledger_key), ledger_key)]),
             checkpoint,
             previous,
             ledger_key: *key.public_key(),
@@ -392,11 +457,12 @@ impl<S: ReplayState> ExportVerifier<S> {
     }
 
     /// Takes the next entry's stored bytes. Failures are reported in ledger order: an error
-    /// may name an earlier entry of the current chunk.
+    /// may name an earlier entry of the current or the previous chunk.
     pub fn push(&mut self, bytes: Vec<u8>) -> Result<(), IntegrityFailure> {
-        let seen = self.frontier.size() + self.pending.len() as u64;
+        let waiting = self.ready.as_ref().map_or(0, |r| r.chunk.len());
+        let seen = self.frontier.size() + (waiting + self.pending.len()) as u64;
         if seen >= self.checkpoint.tree_size() {
-            self.flush_chunk()?;
+            self.drain()?;
             return Err(IntegrityFailure::Count {
                 found: seen + 1,
                 expected: self.checkpoint.tree_size(),
@@ -409,49 +475,46 @@ impl<S: ReplayState> ExportVerifier<S> {
         Ok(())
     }
 
-    /// Batch-verifies the pending chunk's signatures, then judges its entries in order.
+    /// Starts checking the pending chunk's signatures and, meanwhile, judges the chunk before
+    /// it; returns when both are done.
     fn flush_chunk(&mut self) -> Result<(), IntegrityFailure> {
         let chunk = std::mem::take(&mut self.pending);
-        let entries: Vec<Option<Entry>> = chunk
-            .iter()
-            .map(|bytes| Entry::decode(bytes.as_slice()).ok())
-            .collect();
-        let preverified = self.preverify(&entries);
-        for ((bytes, entry), preverified) in chunk.iter().zip(entries).zip(preverified) {
+        let previous = self.ready.take();
+        let mut hints = std::mem::take(&mut self.key_hints);
+        let (checked, judged) = std::thread::scope(|scope| {
+            let worker = scope.spawn(move || {
+                let checked = preverify_chunk(chunk, &hints);
+                hints.extend(checked.grants.iter().cloned());
+                (checked, hints)
+            });
+            let judged = match previous {
+                Some(previous) => self.judge_chunk(previous),
+                None => Ok(()),
+            };
+            (worker.join(), judged)
+        });
+        let (checked, hints) = checked.map_err(|_| {
+            IntegrityFailure::State("signature checking stopped unexpectedly".into())
+        })?;
+        self.key_hints = hints;
+        self.ready = Some(checked);
+        judged
+    }
+
+    /// Judges everything fed so far.
+    fn drain(&mut self) -> Result<(), IntegrityFailure> {
+        self.flush_chunk()?;
+        match self.ready.take() {
+            Some(last) => self.judge_chunk(last),
+            None => Ok(()),
+        }
+    }
+
+    fn judge_chunk(&mut self, chunk: Preverified) -> Result<(), IntegrityFailure> {
+        for ((bytes, entry), preverified) in chunk.chunk.iter().zip(chunk.entries).zip(chunk.keys) {
             self.judge(bytes, entry, preverified.as_ref())?;
         }
         Ok(())
-    }
-
-    /// Finds each entry's likely signer key (registered before the chunk, or granted earlier
-    /// in it) and batch-verifies the signatures on every core. Returns, per entry, the key its
-    /// signature verified under. Only a hint: `judge` checks the key is the registered one and
-    /// verifies the signature itself otherwise.
-    fn preverify(&self, entries: &[Option<Entry>]) -> Vec<Option<[u8; 32]>> {
-        let decoded: Vec<Option<(&crate::proto::SignedEvent, Option<Event>)>> = entries
-            .iter()
-            .map(|entry| {
-                let signed = entry.as_ref()?.event.as_ref()?;
-                Some((signed, Event::decode(signed.payload.as_slice()).ok()))
-            })
-            .collect();
-        // Entries that cannot be checked stand in as a signature that matches no key.
-        let placeholder = crate::proto::SignedEvent::default();
-        let ledger_key_id = crate::envelope::key_id(&self.ledger_key);
-        trust::preverify(
-            decoded.iter().map(|item| match item {
-                Some((signed, event)) => (*signed, event.as_ref()),
-                None => (&placeholder, None),
-            }),
-            |key_id| {
-                if key_id == ledger_key_id {
-                    return Some(self.ledger_key);
-                }
-                let record = self.state.key(key_id).ok().flatten()?;
-                <[u8; 32]>::try_from(record.public_key.as_slice()).ok()
-            },
-            std::thread::available_parallelism().map_or(1, |n| n.get()),
-        )
     }
 
     /// Judges one entry in ledger order.
@@ -574,7 +637,7 @@ impl<S: ReplayState> ExportVerifier<S> {
 
     /// Judges what is left, then checks the count and the root.
     pub fn finish(mut self) -> Result<LedgerReport, IntegrityFailure> {
-        self.flush_chunk()?;
+        self.drain()?;
         let found = self.frontier.size();
         if found != self.checkpoint.tree_size() {
             return Err(IntegrityFailure::Count {
