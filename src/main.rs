@@ -340,7 +340,25 @@ enum Failure {
     Findings,
 }
 
+/// Caps glibc's malloc arenas at two. glibc gives threads their own arenas (up to eight per
+/// core); the append pipeline hands buffers from thread to thread, and memory freed into one
+/// arena is not reused by another, so the server's footprint grew past 600 MiB over a million
+/// events (measured: 648 MiB peak). With two arenas the same run peaked at 384 MiB and ingested
+/// as fast. Must run before any other thread starts.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn limit_malloc_arenas() {
+    // SAFETY: mallopt only tunes the allocator; it is called first thing in main, before any
+    // other thread exists, and an unsupported option is ignored (it returns 0).
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}
+
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
