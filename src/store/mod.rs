@@ -113,6 +113,8 @@ impl Store {
             match sled::Config::new()
                 .path(dir)
                 .cache_capacity(CACHE_BYTES)
+                // Every commit flushes; sled's own periodic flush would only compete with it.
+                .flush_every_ms(None)
                 .open()
             {
                 Ok(db) => {

@@ -13,6 +13,9 @@ use ed25519_dalek::VerifyingKey;
 use crate::envelope::{self, BatchItem};
 use crate::proto::{event::Body, Event, SignedEvent};
 
+/// Fewest signatures worth a thread of their own.
+const MIN_PER_THREAD: usize = 128;
+
 /// For each event, the public key its signature verified under, if any. `registered` looks a
 /// key id up in the state before the run. Uses up to `threads` threads (at least one).
 pub fn preverify<'a>(
@@ -59,34 +62,41 @@ pub fn preverify<'a>(
     if items.is_empty() {
         return preverified;
     }
-    let per_thread = items.len().div_ceil(threads.max(1)).max(1);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = items
-            .chunks(per_thread)
-            .map(|part| {
-                scope.spawn(move || {
-                    let batch: Vec<BatchItem<'_>> = part
-                        .iter()
-                        .map(|(_, _, item)| BatchItem {
-                            key: item.key,
-                            payload: item.payload,
-                            signature: item.signature,
-                        })
-                        .collect();
-                    part.iter()
-                        .zip(envelope::verify_batch(&batch))
-                        .map(|((i, key, _), ok)| (*i, ok.then_some(*key)))
-                        .collect::<Vec<_>>()
-                })
+    // A thread per core for large runs; small ones are not worth a thread's start-up.
+    let threads = threads.clamp(1, items.len().div_ceil(MIN_PER_THREAD));
+    let per_thread = items.len().div_ceil(threads);
+    let check = |part: &[(usize, [u8; 32], BatchItem<'a>)]| {
+        let batch: Vec<BatchItem<'_>> = part
+            .iter()
+            .map(|(_, _, item)| BatchItem {
+                key: item.key,
+                payload: item.payload,
+                signature: item.signature,
             })
             .collect();
-        for handle in handles {
+        part.iter()
+            .zip(envelope::verify_batch(&batch))
+            .map(|((i, key, _), ok)| (*i, ok.then_some(*key)))
+            .collect::<Vec<_>>()
+    };
+    let results: Vec<Vec<(usize, Option<[u8; 32]>)>> = if threads == 1 {
+        vec![check(&items)]
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = items
+                .chunks(per_thread)
+                .map(|part| scope.spawn(move || check(part)))
+                .collect();
             // A panicked thread leaves its events to be verified one by one when judged.
-            for (i, key) in handle.join().unwrap_or_default() {
-                preverified[i] = key;
-            }
-        }
-    });
+            handles
+                .into_iter()
+                .map(|handle| handle.join().unwrap_or_default())
+                .collect()
+        })
+    };
+    for (i, key) in results.into_iter().flatten() {
+        preverified[i] = key;
+    }
     preverified
 }
 
