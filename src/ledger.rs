@@ -227,6 +227,7 @@ impl Ledger {
     /// [`append_prepared`](Self::append_prepared) work (any event it could not check, e.g.
     /// one signed by a key granted in a batch not yet committed, is checked there).
     pub fn prepare(&self, events: Vec<SignedEvent>, threads: usize) -> PreparedBatch {
+        let mut known: HashMap<String, Option<[u8; 32]>> = HashMap::new();
         let decoded: Vec<Result<Event, prost::DecodeError>> = events
             .iter()
             .map(|signed| Event::decode(signed.payload.as_slice()))
@@ -236,9 +237,12 @@ impl Ledger {
                 .iter()
                 .zip(&decoded)
                 .map(|(signed, event)| (signed, event.as_ref().ok())),
+            // A batch names few distinct keys: read each from the store once.
             |key_id| {
-                let record = self.store.key(key_id).ok().flatten()?;
-                <[u8; 32]>::try_from(record.public_key.as_slice()).ok()
+                *known.entry(key_id.to_owned()).or_insert_with(|| {
+                    let record = self.store.key(key_id).ok().flatten()?;
+                    <[u8; 32]>::try_from(record.public_key.as_slice()).ok()
+                })
             },
             threads,
         );
@@ -758,6 +762,9 @@ struct Batch<'a> {
     /// The state changes of the batch so far, read before the store.
     state: MemoryState,
     index: Vec<(Vec<u8>, u64)>,
+    /// Key records read from the store during this batch (a batch names few keys; those it
+    /// changes are read from `state` first).
+    stored_keys: std::cell::RefCell<HashMap<String, Option<KeyRecord>>>,
 }
 
 impl<'a> Batch<'a> {
@@ -808,6 +815,7 @@ impl<'a> Batch<'a> {
             event_ids: HashMap::new(),
             state: MemoryState::new(),
             index: Vec::new(),
+            stored_keys: Default::default(),
         })
     }
 
@@ -948,7 +956,14 @@ impl TrustView for Batch<'_> {
                 return Ok(Some(record));
             }
         }
-        view_result(self.store.key(key_id))
+        if let Some(record) = self.stored_keys.borrow().get(key_id) {
+            return Ok(record.clone());
+        }
+        let record = view_result(self.store.key(key_id))?;
+        self.stored_keys
+            .borrow_mut()
+            .insert(key_id.to_owned(), record.clone());
+        Ok(record)
     }
     fn consent(&self, consent_id: &str) -> Result<Option<ConsentRecord>, ViewError> {
         for state in self.overlays() {
