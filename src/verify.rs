@@ -58,36 +58,41 @@ enum EntryFailure {
 }
 
 /// Judges a stored entry again against the state before it (the genesis against the ledger
-/// key) and checks the recorded verdict. Shared by trace and export verification.
+/// key) and checks the recorded verdict. `decoded` is the entry's event if the caller has
+/// already decoded it. Returns the evaluation and the event. Shared by trace and export
+/// verification.
 fn rejudge_entry(
     entry: &Entry,
+    decoded: Option<Event>,
     state: &impl trust::TrustView,
     ledger_key: &[u8; 32],
     preverified: Option<&[u8; 32]>,
-) -> Result<(trust::Evaluation, String), EntryFailure> {
+) -> Result<(trust::Evaluation, Event), EntryFailure> {
     let signed = entry
         .event
-        .clone()
+        .as_ref()
         .ok_or_else(|| EntryFailure::Malformed("no event".into()))?;
-    let event = Event::decode(signed.payload.as_slice()).map_err(|e| {
-        EntryFailure::Refused(Refusal::Malformed(format!("payload does not decode: {e}")))
-    })?;
+    let event = match decoded {
+        Some(event) => event,
+        None => Event::decode(signed.payload.as_slice()).map_err(|e| {
+            EntryFailure::Refused(Refusal::Malformed(format!("payload does not decode: {e}")))
+        })?,
+    };
     let judged = if entry.seq == 0 {
-        trust::judge_genesis(&signed, &event, ledger_key)
+        trust::judge_genesis(signed, &event, ledger_key)
     } else {
         // MemoryState reads cannot fail.
-        trust::rejudge(&signed, &event, entry.seq, state, preverified)
+        trust::rejudge(signed, &event, entry.seq, state, preverified)
             .map_err(|e| EntryFailure::Malformed(e.to_string()))?
     };
     let evaluation = judged.map_err(EntryFailure::Refused)?;
-    let recorded = entry.verdict.clone().unwrap_or_default();
-    if evaluation.verdict != recorded {
+    if entry.verdict.as_ref() != Some(&evaluation.verdict) {
         return Err(EntryFailure::VerdictMismatch {
-            recorded: Box::new(recorded),
+            recorded: Box::new(entry.verdict.clone().unwrap_or_default()),
             recomputed: Box::new(evaluation.verdict),
         });
     }
-    Ok((evaluation, event.event_id))
+    Ok((evaluation, event))
 }
 
 fn malformed(message: impl Into<String>) -> TraceError {
@@ -157,8 +162,8 @@ pub fn verify_trace_bundle(
     let mut event_ids = std::collections::HashSet::new();
     for entry in &entries {
         let seq = entry.seq;
-        let (evaluation, event_id) = rejudge_entry(entry, &state, key.public_key(), None).map_err(
-            |failure| match failure {
+        let (evaluation, event) = rejudge_entry(entry, None, &state, key.public_key(), None)
+            .map_err(|failure| match failure {
                 EntryFailure::Malformed(what) => malformed(format!("entry {seq}: {what}")),
                 EntryFailure::Refused(refusal) => TraceError::Refused { seq, refusal },
                 EntryFailure::VerdictMismatch {
@@ -169,9 +174,8 @@ pub fn verify_trace_bundle(
                     recorded,
                     recomputed,
                 },
-            },
-        )?;
-        if !event_ids.insert(event_id) {
+            })?;
+        if !event_ids.insert(event.event_id) {
             return Err(malformed(format!(
                 "entry {seq} repeats an event_id of an earlier entry"
             )));
@@ -320,6 +324,10 @@ const CHUNK_ENTRIES: usize = 4096;
 struct Preverified {
     chunk: Vec<Vec<u8>>,
     entries: Vec<Option<Entry>>,
+    /// Each entry's event, if it decodes.
+    events: Vec<Option<Event>>,
+    /// Each entry's Merkle leaf hash.
+    leaves: Vec<merkle::Hash>,
     /// Per entry, the key its signature verified under, if any.
     keys: Vec<Option<[u8; 32]>>,
     /// The keys the chunk's grants name, by key id.
@@ -335,16 +343,17 @@ fn preverify_chunk(chunk: Vec<Vec<u8>>, hints: &HashMap<String, [u8; 32]>) -> Pr
         .iter()
         .map(|bytes| Entry::decode(bytes.as_slice()).ok())
         .collect();
-    let decoded: Vec<Option<(&crate::proto::SignedEvent, Option<Event>)>> = entries
+    let events: Vec<Option<Event>> = entries
         .iter()
         .map(|entry| {
             let signed = entry.as_ref()?.event.as_ref()?;
-            Some((signed, Event::decode(signed.payload.as_slice()).ok()))
+            Event::decode(signed.payload.as_slice()).ok()
         })
         .collect();
-    let grants: Vec<(String, [u8; 32])> = decoded
+    let leaves = chunk.iter().map(|bytes| merkle::leaf_hash(bytes)).collect();
+    let grants: Vec<(String, [u8; 32])> = events
         .iter()
-        .filter_map(|item| match item.as_ref()?.1.as_ref()?.body.as_ref()? {
+        .filter_map(|event| match event.as_ref()?.body.as_ref()? {
             Body::KeyGrant(grant) => {
                 let key = <[u8; 32]>::try_from(grant.public_key.as_slice()).ok()?;
                 Some((crate::envelope::key_id(&key), key))
@@ -355,17 +364,20 @@ fn preverify_chunk(chunk: Vec<Vec<u8>>, hints: &HashMap<String, [u8; 32]>) -> Pr
     // Entries that cannot be checked stand in as a signature that matches no key.
     let placeholder = crate::proto::SignedEvent::default();
     let keys = trust::preverify(
-        decoded.iter().map(|item| match item {
-            Some((signed, event)) => (*signed, event.as_ref()),
-            None => (&placeholder, None),
+        entries.iter().zip(&events).map(|(entry, event)| {
+            match entry.as_ref().and_then(|e| e.event.as_ref()) {
+                Some(signed) => (signed, event.as_ref()),
+                None => (&placeholder, None),
+            }
         }),
         |key_id| hints.get(key_id).copied(),
         std::thread::available_parallelism().map_or(1, |n| n.get()),
     );
-    drop(decoded);
     Preverified {
         chunk,
         entries,
+        events,
+        leaves,
         keys,
         grants,
     }
@@ -511,8 +523,18 @@ impl<S: ReplayState> ExportVerifier<S> {
     }
 
     fn judge_chunk(&mut self, chunk: Preverified) -> Result<(), IntegrityFailure> {
-        for ((bytes, entry), preverified) in chunk.chunk.iter().zip(chunk.entries).zip(chunk.keys) {
-            self.judge(bytes, entry, preverified.as_ref())?;
+        let Preverified {
+            chunk,
+            entries,
+            events,
+            leaves,
+            keys,
+            ..
+        } = chunk;
+        for ((((bytes, entry), event), leaf), preverified) in
+            chunk.iter().zip(entries).zip(events).zip(leaves).zip(keys)
+        {
+            self.judge(bytes, entry, event, leaf, preverified.as_ref())?;
         }
         Ok(())
     }
@@ -522,6 +544,8 @@ impl<S: ReplayState> ExportVerifier<S> {
         &mut self,
         bytes: &[u8],
         entry: Option<Entry>,
+        event: Option<Event>,
+        leaf: merkle::Hash,
         preverified: Option<&[u8; 32]>,
     ) -> Result<(), IntegrityFailure> {
         let seq = self.frontier.size();
@@ -544,8 +568,8 @@ impl<S: ReplayState> ExportVerifier<S> {
                 "prev_hash is not the previous entry's leaf hash".into(),
             ));
         }
-        let (evaluation, event_id) =
-            rejudge_entry(&entry, &self.state, &self.ledger_key, preverified).map_err(
+        let (evaluation, event) =
+            rejudge_entry(&entry, event, &self.state, &self.ledger_key, preverified).map_err(
                 |failure| match failure {
                     EntryFailure::Malformed(what) => entry_failure(what),
                     EntryFailure::Refused(refusal) => IntegrityFailure::Refused { seq, refusal },
@@ -562,17 +586,17 @@ impl<S: ReplayState> ExportVerifier<S> {
         // An event may be on the ledger once: a repeated event_id means an entry was replayed.
         let first = self
             .state
-            .first_sighting(&event_id)
+            .first_sighting(&event.event_id)
             .map_err(|e| IntegrityFailure::State(e.to_string()))?;
         if !first {
             return Err(entry_failure(format!(
-                "repeats event_id {event_id:?} of an earlier entry"
+                "repeats event_id {:?} of an earlier entry",
+                event.event_id
             )));
         }
-        let leaf = merkle::leaf_hash(bytes);
         self.frontier.push(leaf);
         self.prev_leaf = leaf.0;
-        self.tally(&entry, &evaluation.verdict);
+        self.tally(seq, &event, &evaluation.verdict);
         self.state
             .apply_delta(evaluation.delta)
             .map_err(|e| IntegrityFailure::State(e.to_string()))?;
@@ -588,13 +612,8 @@ impl<S: ReplayState> ExportVerifier<S> {
         Ok(())
     }
 
-    fn tally(&mut self, entry: &Entry, verdict: &Verdict) {
+    fn tally(&mut self, seq: u64, event: &Event, verdict: &Verdict) {
         use crate::proto::{event::Body, EventKind, TraceStatus};
-        let event = entry
-            .event
-            .as_ref()
-            .and_then(|e| Event::decode(e.payload.as_slice()).ok())
-            .unwrap_or_default();
         let kind = trust::event_kind(event.body.as_ref());
         *self
             .report
@@ -626,7 +645,7 @@ impl<S: ReplayState> ExportVerifier<S> {
                 _ => Default::default(),
             };
             self.report.violations.push(ViolationReport {
-                seq: entry.seq,
+                seq,
                 kind: kind_label(kind),
                 user,
                 agent,
