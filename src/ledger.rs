@@ -1,14 +1,26 @@
 //! The append pipeline and the ledger's own keys.
 //!
-//! [`Ledger::append_batch`] takes the signed events that arrived together and, in order,
-//! decodes each, checks its shape, recognises an exact retry, finds its key, verifies its
-//! signature, checks the clock, authorizes the signer and evaluates it against the state
-//! before it (committed state plus the batch so far). The accepted ones become entries that
-//! are committed as one durable batch with one new signed checkpoint; only then are receipts
-//! produced. A refused event writes nothing and does not disturb the others.
+//! An append has three stages, which the server runs on three threads so that three batches
+//! are in progress at once (see `service::commit_queue`):
 //!
-//! Concurrency: `append_batch` must be called by one thread at a time (the group-commit task);
-//! the read methods may be called from anywhere at any time.
+//! 1. [`Ledger::prepare`] decodes the events that arrived together and batch-verifies their
+//!    signatures against the keys registered so far. It writes nothing; its result is a hint.
+//! 2. [`Ledger::judge`], in order, checks each event's shape, recognises an exact retry, finds
+//!    its key and verifies its signature (unless stage 1 already did under that very key),
+//!    checks the clock, authorizes the signer and evaluates it against the state before it:
+//!    the committed store, then the batches judged but not yet written ([`InFlight`]), then
+//!    the batch so far. The accepted events become entries, and one checkpoint is signed over
+//!    the tree that includes them. A refused event writes nothing and does not disturb the
+//!    others.
+//! 3. [`Ledger::write`], in order, commits the batch as one atomic, flushed sled batch, then
+//!    publishes the new head and returns the receipts. No receipt and no checkpoint is visible
+//!    before the batch is durable.
+//!
+//! [`Ledger::append_batch`] runs all three one after the other.
+//!
+//! Concurrency: the judge and write stages must each be driven by one thread at a time, with
+//! batches in the same order; a storage failure in either stops all later appends until a
+//! restart. The read methods may be called from anywhere at any time.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::RwLock;

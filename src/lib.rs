@@ -16,8 +16,9 @@
 //! Edges:
 //!
 //! - [`store`]: sled key layout, atomic durable group commits, tail check on open.
-//! - [`ledger`]: the append pipeline (decode, verify, evaluate, sequence, commit) and the
-//!   ledger's keys and genesis.
+//! - [`ledger`]: the append pipeline (prepare: decode and batch-verify; judge: evaluate,
+//!   sequence and sign the checkpoint; write: commit and flush) and the ledger's keys and
+//!   genesis.
 //! - [`service`]: the tonic services `Ledger` and `Audit`; errors to gRPC codes in one place.
 //! - [`server`]: configuration, data directory, listener, health, reflection, shutdown.
 //! - [`proto`]: the generated protobuf and gRPC types of `proto/custody/v1/custody.proto`.
