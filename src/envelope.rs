@@ -6,7 +6,10 @@
 //! A signature `(R, s)` by public key `A` over message `M = PAE(PAYLOAD_TYPE, payload)` is
 //! valid when `s` is canonical (`s < ℓ`), `R` decodes to a curve point, and the *cofactored*
 //! RFC 8032 equation holds: `[8]([s]B − [k]A − R) = 0` with `k = SHA-512(R ‖ A ‖ M) mod ℓ`.
-//! Keys with small order are refused when they are registered ([`parse_public_key`]).
+//! Keys are refused when they are registered unless they lie in the prime-order subgroup
+//! ([`parse_grantable_key`]), as every key made by standard key generation does; so an
+//! honest signer's signatures are also valid under the strict (cofactorless) RFC 8032 check
+//! that other tools use (libsodium, Go's `crypto/ed25519`, `verify_strict`).
 //!
 //! This is the rule of ZIP 215, chosen because it makes batch verification exact: a batch
 //! that passes contains only valid signatures (except with negligible probability), and a
@@ -16,7 +19,9 @@
 //! verification (`verify_strict`) accepts is valid here; beyond those, the rule also accepts
 //! signatures whose `R` differs by a small-order point, which only the key's holder can make
 //! (they are not forgeries, and a third party cannot turn one valid signature into another:
-//! `s` must be canonical and any change to `R` changes `k`).
+//! `s` must be canonical and any change to `R` changes `k`). Such an entry is the key
+//! holder's own deliberate act; an auditor checking signatures with a cofactorless tool would
+//! report it as a bad signature, and `custody verify` accepts it.
 //!
 //! A submitter encodes an `Event` to `payload` and signs
 //! `PAE("application/vnd.custody.event.v1+protobuf", payload)`, where, as in
@@ -90,6 +95,10 @@ pub enum SignatureError {
     /// and strict verification would disagree about them.
     #[error("weak public key (small order)")]
     WeakKey,
+    /// The public key has a small-order component: it is not in the prime-order subgroup, so
+    /// no standard key generation made it.
+    #[error("public key with a small-order component (not in the prime-order subgroup)")]
+    MixedOrderKey,
     /// The signature is not 64 bytes.
     #[error("malformed signature: expected 64 bytes, got {len}")]
     MalformedSignature { len: usize },
@@ -105,6 +114,17 @@ pub fn parse_public_key(bytes: &[u8]) -> Result<VerifyingKey, SignatureError> {
     let key = VerifyingKey::from_bytes(array).map_err(|_| SignatureError::MalformedKey)?;
     if key.is_weak() {
         return Err(SignatureError::WeakKey);
+    }
+    Ok(key)
+}
+
+/// Parses a public key that is to be registered (a key grant, the genesis keys): as
+/// [`parse_public_key`], and the key must lie in the prime-order subgroup. Costs a scalar
+/// multiplication, so it is for registration, not for every signature.
+pub fn parse_grantable_key(bytes: &[u8]) -> Result<VerifyingKey, SignatureError> {
+    let key = parse_public_key(bytes)?;
+    if !key.to_edwards().is_torsion_free() {
+        return Err(SignatureError::MixedOrderKey);
     }
     Ok(key)
 }
@@ -376,5 +396,13 @@ mod tests {
         );
         let good = SigningKey::from_bytes(&[9; 32]).verifying_key();
         assert_eq!(parse_public_key(good.as_bytes()), Ok(good));
+        assert_eq!(parse_grantable_key(good.as_bytes()), Ok(good));
+        // A key plus a point of order 8: usable, but no key generation makes one.
+        let mixed = (good.to_edwards() + curve25519_dalek::constants::EIGHT_TORSION[1]).compress();
+        assert!(parse_public_key(mixed.as_bytes()).is_ok());
+        assert_eq!(
+            parse_grantable_key(mixed.as_bytes()),
+            Err(SignatureError::MixedOrderKey)
+        );
     }
 }

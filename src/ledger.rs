@@ -329,6 +329,9 @@ impl Ledger {
         if self.failed.load(Ordering::SeqCst) {
             return Err(StoreError::Stopped);
         }
+        // A stage that panics stops appends too: the judge's memory of batches in flight, or
+        // the head, may no longer match the store.
+        let _guard = StopOnPanic(&self.failed);
         let outcome = stage();
         if outcome.is_err() {
             self.failed.store(true, Ordering::SeqCst);
@@ -541,6 +544,17 @@ impl PreparedBatch {
     /// Whether it holds no event.
     pub fn is_empty(&self) -> bool {
         self.events.is_empty()
+    }
+}
+
+/// Sets the flag if dropped while its thread panics.
+struct StopOnPanic<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 }
 
@@ -1319,5 +1333,19 @@ mod tests {
             failure.to_string().contains(&target.to_string()),
             "{failure}"
         );
+    }
+
+    #[test]
+    fn a_stage_that_panics_stops_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, _, _) = ledger_with_keys(dir.path());
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            ledger.unless_failed::<()>(|| panic!("a stage failed unexpectedly"))
+        }));
+        assert!(panicked.is_err());
+        assert!(matches!(
+            ledger.append_batch(vec![]),
+            Err(StoreError::Stopped)
+        ));
     }
 }

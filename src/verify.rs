@@ -330,7 +330,7 @@ struct Preverified {
     leaves: Vec<merkle::Hash>,
     /// Per entry, the key its signature verified under, if any.
     keys: Vec<Option<[u8; 32]>>,
-    /// The keys the chunk's grants name, by key id.
+    /// The keys the chunk's grants (and its genesis, for the first admin) name, by key id.
     grants: Vec<(String, [u8; 32])>,
 }
 
@@ -353,12 +353,15 @@ fn preverify_chunk(chunk: Vec<Vec<u8>>, hints: &HashMap<String, [u8; 32]>) -> Pr
     let leaves = chunk.iter().map(|bytes| merkle::leaf_hash(bytes)).collect();
     let grants: Vec<(String, [u8; 32])> = events
         .iter()
-        .filter_map(|event| match event.as_ref()?.body.as_ref()? {
-            Body::KeyGrant(grant) => {
-                let key = <[u8; 32]>::try_from(grant.public_key.as_slice()).ok()?;
-                Some((crate::envelope::key_id(&key), key))
-            }
-            _ => None,
+        .filter_map(|event| {
+            let key = match event.as_ref()?.body.as_ref()? {
+                Body::KeyGrant(grant) => grant.public_key.as_slice(),
+                // The first admin key is named by the genesis, not granted.
+                Body::Genesis(genesis) => genesis.admin_public_key.as_slice(),
+                _ => return None,
+            };
+            let key = <[u8; 32]>::try_from(key).ok()?;
+            Some((crate::envelope::key_id(&key), key))
         })
         .collect();
     // Entries that cannot be checked stand in as a signature that matches no key.
@@ -392,8 +395,9 @@ pub struct ExportVerifier<S: ReplayState = MemoryState> {
     pending: Vec<Vec<u8>>,
     /// The chunk whose signatures are checked, waiting to be judged.
     ready: Option<Preverified>,
-    /// Every key the ledger key or a grant seen so far names, by key id: where signatures are
-    /// checked before the grants are judged. Only hints (see [`trust::preverify`]).
+    /// The ledger key and every key a grant or the genesis seen so far names, by key id: where
+    /// signatures are checked before the grants are judged. Only hints (see
+    /// [`trust::preverify`]).
     key_hints: HashMap<String, [u8; 32]>,
     checkpoint: checkpoint::VerifiedCheckpoint,
     previous: Option<checkpoint::VerifiedCheckpoint>,
@@ -505,12 +509,14 @@ impl<S: ReplayState> ExportVerifier<S> {
             };
             (worker.join(), judged)
         });
+        // The judged chunk comes first in ledger order: report its failure before the worker's.
+        judged?;
         let (checked, hints) = checked.map_err(|_| {
             IntegrityFailure::State("signature checking stopped unexpectedly".into())
         })?;
         self.key_hints = hints;
         self.ready = Some(checked);
-        judged
+        Ok(())
     }
 
     /// Judges everything fed so far.

@@ -81,7 +81,7 @@ fn hash(field: &str, value: &[u8], required: bool) -> Result<(), Refusal> {
 }
 
 fn public_key(field: &str, value: &[u8]) -> Result<(), Refusal> {
-    envelope::parse_public_key(value)
+    envelope::parse_grantable_key(value)
         .map(|_| ())
         .map_err(|e| malformed(format!("{field}: {e}")))
 }
