@@ -211,6 +211,15 @@ async fn refusals_carry_the_contract_codes_and_write_nothing() {
     }
     let message = refused(&ledger, sign(&ledger.admin, &weak), Code::InvalidArgument).await;
     assert!(message.contains("weak"), "{message}");
+    // A key with a small-order component (no key generation makes one) in a grant.
+    let mut mixed = key_grant("r-11", &key(71), Role::User, "bob");
+    if let Some(Body::KeyGrant(g)) = &mut mixed.body {
+        let point =
+            key(71).verifying_key().to_edwards() + curve25519_dalek::constants::EIGHT_TORSION[1];
+        g.public_key = point.compress().to_bytes().to_vec();
+    }
+    let message = refused(&ledger, sign(&ledger.admin, &mixed), Code::InvalidArgument).await;
+    assert!(message.contains("prime-order"), "{message}");
 }
 
 #[tokio::test]
