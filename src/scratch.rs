@@ -28,6 +28,10 @@ const KIND_EVENT: u8 = b'i';
 /// is full it is emptied, which bounds its memory without bookkeeping.
 const CACHE_RECORDS: usize = 32 * 1024;
 
+fn corrupt() -> ViewError {
+    ViewError("scratch file: corrupt record".into())
+}
+
 fn io(error: std::io::Error) -> ViewError {
     ViewError(format!("scratch file: {error}"))
 }
@@ -100,29 +104,31 @@ impl DiskState {
 
     /// Reads the record at `offset`: (kind, id, value).
     fn read_record(&self, offset: u64) -> Result<(u8, String, Vec<u8>), ViewError> {
-        let corrupt = || ViewError("scratch file: corrupt record".into());
         let mut header = [0u8; 7];
-        let mut body;
-        if offset >= self.flushed {
-            let start = usize::try_from(offset - self.flushed).map_err(|_| corrupt())?;
-            header.copy_from_slice(self.tail.get(start..start + 7).ok_or_else(corrupt)?);
-            let total = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-            body = self
-                .tail
-                .get(start + 7..start + total.max(7))
-                .ok_or_else(corrupt)?
-                .to_vec();
-        } else {
-            self.data.read_exact_at(&mut header, offset).map_err(io)?;
-            let total = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-            body = vec![0u8; total.saturating_sub(7)];
-            self.data.read_exact_at(&mut body, offset + 7).map_err(io)?;
-        }
+        self.read_at(offset, &mut header)?;
+        let total = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let mut body = vec![0u8; total.saturating_sub(7)];
+        self.read_at(offset + 7, &mut body)?;
         let kind = header[4];
         let id_len = u16::from_le_bytes([header[5], header[6]]) as usize;
         let value = body.split_off(id_len.min(body.len()));
         let id = String::from_utf8(body).map_err(|_| corrupt())?;
         Ok((kind, id, value))
+    }
+
+    /// Fills `buf` from the records' bytes at `offset`: the file below `flushed`, the buffer
+    /// from there on (a record is written out whole, so it never spans both).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ViewError> {
+        if offset < self.flushed {
+            return self.data.read_exact_at(buf, offset).map_err(io);
+        }
+        let start = usize::try_from(offset - self.flushed).map_err(|_| corrupt())?;
+        let bytes = start
+            .checked_add(buf.len())
+            .and_then(|end| self.tail.get(start..end))
+            .ok_or_else(corrupt)?;
+        buf.copy_from_slice(bytes);
+        Ok(())
     }
 
     /// The slot holding (kind, id), or the empty slot where it would go.
@@ -163,11 +169,17 @@ impl DiskState {
     }
 
     fn put(&mut self, kind: u8, id: &str, value: &[u8]) -> Result<(), ViewError> {
+        let found = self.find_with_room(kind, id)?;
+        self.put_at(kind, id, value, found)
+    }
+
+    /// As [`find`](Self::find), first doubling the index if one more record would fill it
+    /// past half.
+    fn find_with_room(&mut self, kind: u8, id: &str) -> Result<(usize, Option<u64>), ViewError> {
         if (self.used + 1) * 2 > self.index.len() {
             self.grow();
         }
-        let found = self.find(kind, id)?;
-        self.put_at(kind, id, value, found)
+        self.find(kind, id)
     }
 
     /// Writes a record and points `slot` (from [`find`](Self::find), no growth since) at it.
@@ -264,10 +276,7 @@ impl ReplayState for DiskState {
     }
 
     fn first_sighting(&mut self, event_id: &str) -> Result<bool, ViewError> {
-        if (self.used + 1) * 2 > self.index.len() {
-            self.grow();
-        }
-        let found = self.find(KIND_EVENT, event_id)?;
+        let found = self.find_with_room(KIND_EVENT, event_id)?;
         if found.1.is_some() {
             return Ok(false);
         }
