@@ -137,7 +137,7 @@ impl Ledger {
             .map_err(view_error)?
             .map_err(|e| LedgerError::Mismatch(format!("genesis refused: {e}")))?;
         batch.push(signed, &event, evaluation, now_ms())?;
-        let (commit, head, _) = ledger.seal(batch)?;
+        let (commit, head, _) = batch.seal(&ledger.signer)?;
         ledger.store.commit(&commit)?;
         ledger.publish(head);
         Ok(ledger)
@@ -363,7 +363,7 @@ impl Ledger {
                 outcomes,
             });
         }
-        let (commit, head, uncommitted) = self.seal(batch)?;
+        let (commit, head, uncommitted) = batch.seal(&self.signer)?;
         in_flight.batches.push_back(uncommitted);
         Ok(JudgedBatch {
             commit: Some((commit, head)),
@@ -504,21 +504,6 @@ impl Ledger {
         }
     }
 
-    /// Signs the checkpoint over the tree including the batch and builds its durable form.
-    fn seal(&self, batch: Batch<'_>) -> Result<(Commit, Head, Uncommitted), StoreError> {
-        let tree_size = batch.next_seq();
-        let root = merkle::root(tree_size, &batch.hashes)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let checkpoint = self.signer.sign(tree_size, &root);
-        let (commit, uncommitted) = batch.into_commit(checkpoint.clone());
-        let head = Head {
-            tree_size,
-            root,
-            checkpoint,
-        };
-        Ok((commit, head, uncommitted))
-    }
-
     /// Makes a durable head the one readers see.
     fn publish(&self, head: Head) {
         let tree_size = head.tree_size;
@@ -527,8 +512,8 @@ impl Ledger {
     }
 }
 
-/// Events decoded and signature-checked by [`Ledger::prepare`], waiting to be judged and
-/// committed by [`Ledger::append_prepared`].
+/// Events decoded and signature-checked by [`Ledger::prepare`], waiting to be judged by
+/// [`Ledger::judge`].
 pub struct PreparedBatch {
     events: Vec<SignedEvent>,
     decoded: Vec<Result<Event, prost::DecodeError>>,
@@ -619,10 +604,8 @@ fn rebuild(store: &Store, signer: &CheckpointSigner) -> Result<(), LedgerError> 
             }
             batch.push_bytes(signed, bytes, &event, evaluation)?;
         }
-        let tree_size = batch.next_seq();
-        let root = merkle::root(tree_size, &batch.hashes)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        store.commit(&batch.into_commit(signer.sign(tree_size, &root)).0)?;
+        let (commit, _, _) = batch.seal(signer)?;
+        store.commit(&commit)?;
         next = end;
     }
     store.finish_rebuild()?;
@@ -716,8 +699,8 @@ fn field_tag(field: IndexField) -> u8 {
     }
 }
 
-/// The index terms (see `store::keys`) entry `seq` is filed under: its terms, its kind and
-/// its verdict status.
+/// The index terms (see `store::keys`) an entry is filed under: the evaluation's terms, the
+/// event's kind and the verdict's status.
 pub(crate) fn index_terms(event: &Event, evaluation: &Evaluation) -> Vec<Vec<u8>> {
     let kind = trust::event_kind(event.body.as_ref()) as i32;
     let mut terms = vec![
@@ -930,6 +913,21 @@ impl<'a> Batch<'a> {
         Ok((seq, leaf))
     }
 
+    /// Signs the checkpoint over the tree including the batch and builds its durable form.
+    fn seal(self, signer: &CheckpointSigner) -> Result<(Commit, Head, Uncommitted), StoreError> {
+        let tree_size = self.next_seq();
+        let root = merkle::root(tree_size, &self.hashes)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let checkpoint = signer.sign(tree_size, &root);
+        let (commit, uncommitted) = self.into_commit(checkpoint.clone());
+        let head = Head {
+            tree_size,
+            root,
+            checkpoint,
+        };
+        Ok((commit, head, uncommitted))
+    }
+
     /// The durable form of the batch, with its checkpoint, and what later batches must see
     /// of it until it is durable.
     fn into_commit(self, checkpoint: String) -> (Commit, Uncommitted) {
@@ -1018,34 +1016,12 @@ mod tests {
     #[test]
     fn a_batch_is_one_commit_with_one_checkpoint_and_refusals_do_not_disturb_it() {
         let dir = tempfile::tempdir().unwrap();
-        let admin = SigningKey::from_bytes(&[1; 32]);
-        let params = GenesisParams {
-            origin: "test/ledger".into(),
-            admin_public_key: admin.verifying_key().to_bytes(),
-            max_clock_skew_ms: 60_000,
-        };
-        let ledger = Ledger::create(
-            Store::open(dir.path()).unwrap(),
-            SigningKey::from_bytes(&[2; 32]),
-            &params,
-        )
-        .unwrap();
-        let grant = |i: u8| Event {
-            event_id: format!("grant-{i}"),
-            occurred_at_ms: now_ms(),
-            body: Some(Body::KeyGrant(KeyGrant {
-                public_key: SigningKey::from_bytes(&[10 + i; 32])
-                    .verifying_key()
-                    .to_bytes()
-                    .to_vec(),
-                role: Role::Issuer as i32,
-                principal: format!("issuer-{i}"),
-                not_before_ms: 0,
-                not_after_ms: 0,
-            })),
-        };
-        let mut events: Vec<_> = (0..10)
-            .map(|i| envelope::sign_event(&admin, &grant(i)))
+        let ledger = new_ledger(dir.path());
+        let mut events: Vec<_> = (0..10u8)
+            .map(|i| {
+                let key = SigningKey::from_bytes(&[10 + i; 32]);
+                grant(&key, Role::Issuer, &format!("issuer-{i}"))
+            })
             .collect();
         events[4].signature[0] ^= 1;
         let outcomes = ledger.append_batch(events).unwrap();
@@ -1068,38 +1044,49 @@ mod tests {
         assert_eq!(ledger.head().tree_size, 10);
     }
 
-    /// A ledger with an admin, a user key and an issuer key registered.
-    fn ledger_with_keys(dir: &std::path::Path) -> (Ledger, SigningKey, SigningKey) {
-        let admin = SigningKey::from_bytes(&[1; 32]);
-        let user = SigningKey::from_bytes(&[3; 32]);
-        let issuer = SigningKey::from_bytes(&[4; 32]);
+    /// The admin key of the test ledgers.
+    fn admin() -> SigningKey {
+        SigningKey::from_bytes(&[1; 32])
+    }
+
+    /// A new ledger in `dir` whose first admin is [`admin`].
+    fn new_ledger(dir: &std::path::Path) -> Ledger {
         let params = GenesisParams {
             origin: "test/ledger".into(),
-            admin_public_key: admin.verifying_key().to_bytes(),
+            admin_public_key: admin().verifying_key().to_bytes(),
             max_clock_skew_ms: 60_000,
         };
-        let ledger = Ledger::create(
+        Ledger::create(
             Store::open(dir).unwrap(),
             SigningKey::from_bytes(&[2; 32]),
             &params,
         )
-        .unwrap();
-        let grant = |key: &SigningKey, role: Role, principal: &str| {
-            envelope::sign_event(
-                &admin,
-                &Event {
-                    event_id: format!("grant-{principal}"),
-                    occurred_at_ms: now_ms(),
-                    body: Some(Body::KeyGrant(KeyGrant {
-                        public_key: key.verifying_key().to_bytes().to_vec(),
-                        role: role as i32,
-                        principal: principal.into(),
-                        not_before_ms: 0,
-                        not_after_ms: 0,
-                    })),
-                },
-            )
-        };
+        .unwrap()
+    }
+
+    /// The admin's grant of `key` to `principal` in `role`.
+    fn grant(key: &SigningKey, role: Role, principal: &str) -> SignedEvent {
+        envelope::sign_event(
+            &admin(),
+            &Event {
+                event_id: format!("grant-{principal}"),
+                occurred_at_ms: now_ms(),
+                body: Some(Body::KeyGrant(KeyGrant {
+                    public_key: key.verifying_key().to_bytes().to_vec(),
+                    role: role as i32,
+                    principal: principal.into(),
+                    not_before_ms: 0,
+                    not_after_ms: 0,
+                })),
+            },
+        )
+    }
+
+    /// A ledger with an admin, a user key and an issuer key registered.
+    fn ledger_with_keys(dir: &std::path::Path) -> (Ledger, SigningKey, SigningKey) {
+        let user = SigningKey::from_bytes(&[3; 32]);
+        let issuer = SigningKey::from_bytes(&[4; 32]);
+        let ledger = new_ledger(dir);
         let outcomes = ledger
             .append_batch(vec![
                 grant(&user, Role::User, "alice"),
@@ -1239,7 +1226,6 @@ mod tests {
         use crate::proto::Consent;
         let dir = tempfile::tempdir().unwrap();
         let (ledger, _, _) = ledger_with_keys(dir.path());
-        let admin = SigningKey::from_bytes(&[1; 32]);
         let now = now_ms();
         let mut events = Vec::new();
         // A grant, then two consents signed by the key it grants: the verifier's chunks of
@@ -1248,20 +1234,7 @@ mod tests {
         for i in 0..3000u32 {
             let seed: [u8; 32] = sha2::Sha256::digest(i.to_be_bytes()).into();
             let user = SigningKey::from_bytes(&seed);
-            events.push(envelope::sign_event(
-                &admin,
-                &Event {
-                    event_id: format!("grant-u{i}"),
-                    occurred_at_ms: now,
-                    body: Some(Body::KeyGrant(KeyGrant {
-                        public_key: user.verifying_key().to_bytes().to_vec(),
-                        role: Role::User as i32,
-                        principal: format!("u{i}"),
-                        not_before_ms: 0,
-                        not_after_ms: 0,
-                    })),
-                },
-            ));
+            events.push(grant(&user, Role::User, &format!("u{i}")));
             for c in 0..2 {
                 events.push(envelope::sign_event(
                     &user,
