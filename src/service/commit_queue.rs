@@ -89,7 +89,7 @@ impl CommitQueue {
 
 type Replies = Vec<oneshot::Sender<Reply>>;
 
-/// Takes what has arrived, prepares it off the runtime and hands it to the commit stage.
+/// Takes what has arrived, prepares it off the runtime and hands it to the judge stage.
 /// Ends when every submitter is gone.
 async fn verify_stage(
     ledger: Arc<Ledger>,
@@ -106,15 +106,10 @@ async fn verify_stage(
         let (events, replies): (Vec<_>, Replies) =
             submissions.drain(..).map(|s| (s.event, s.reply)).unzip();
         let ledger_for_batch = ledger.clone();
-        let started = std::time::Instant::now();
-        let count = events.len();
-        let prepared =
-            tokio::task::spawn_blocking(move || ledger_for_batch.prepare(events, threads)).await;
-        tracing::debug!(
-            stage = "verify",
-            events = count,
-            micros = started.elapsed().as_micros() as u64
-        );
+        let prepared = run_stage("verify", events.len(), move || {
+            ledger_for_batch.prepare(events, threads)
+        })
+        .await;
         match prepared {
             Ok(prepared) => {
                 if prepared_tx.send((prepared, replies)).await.is_err() {
@@ -137,18 +132,11 @@ async fn judge_stage(
     while let Some((prepared, replies)) = prepared_rx.recv().await {
         let ledger_for_batch = ledger.clone();
         let mut memory = in_flight.take().unwrap_or_default();
-        let started = std::time::Instant::now();
-        let count = prepared.len();
-        let judged = tokio::task::spawn_blocking(move || {
+        let judged = run_stage("judge", prepared.len(), move || {
             let judged = ledger_for_batch.judge(prepared, &mut memory);
             (judged, memory)
         })
         .await;
-        tracing::debug!(
-            stage = "judge",
-            events = count,
-            micros = started.elapsed().as_micros() as u64
-        );
         match judged {
             Ok((Ok(judged), memory)) => {
                 in_flight = Some(memory);
@@ -160,8 +148,8 @@ async fn judge_stage(
                 in_flight = Some(memory);
                 fail_storage(replies, &error);
             }
-            // The memory of batches in flight is lost with the panicked thread; the ledger's
-            // own checks (a commit must start at the committed size) refuse what follows.
+            // The memory of batches in flight is lost with the panicked thread; the panic
+            // stopped the ledger's appends, so every later batch is refused.
             Err(join_error) => fail_all(replies, &join_error),
         }
     }
@@ -172,15 +160,10 @@ async fn judge_stage(
 async fn write_stage(ledger: Arc<Ledger>, mut judged_rx: mpsc::Receiver<(JudgedBatch, Replies)>) {
     while let Some((judged, replies)) = judged_rx.recv().await {
         let ledger_for_batch = ledger.clone();
-        let started = std::time::Instant::now();
-        let count = replies.len();
-        let outcome =
-            tokio::task::spawn_blocking(move || ledger_for_batch.write(judged, |_| ())).await;
-        tracing::debug!(
-            stage = "write",
-            events = count,
-            micros = started.elapsed().as_micros() as u64
-        );
+        let outcome = run_stage("write", replies.len(), move || {
+            ledger_for_batch.write(judged, |_| ())
+        })
+        .await;
         match outcome {
             Ok(Ok(outcomes)) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
@@ -195,6 +178,19 @@ async fn write_stage(ledger: Arc<Ledger>, mut judged_rx: mpsc::Receiver<(JudgedB
     if let Err(error) = ledger.store().flush() {
         tracing::error!(%error, "final flush failed");
     }
+}
+
+/// Runs one stage's work on a blocking thread, logging the batch size and the duration at
+/// debug level.
+async fn run_stage<T: Send + 'static>(
+    stage: &'static str,
+    events: usize,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    let started = std::time::Instant::now();
+    let outcome = tokio::task::spawn_blocking(work).await;
+    tracing::debug!(stage, events, micros = started.elapsed().as_micros() as u64);
+    outcome
 }
 
 fn fail_storage(replies: Replies, error: &crate::store::StoreError) {
