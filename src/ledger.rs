@@ -229,8 +229,7 @@ impl Ledger {
         &self,
         events: Vec<SignedEvent>,
     ) -> Result<Vec<Result<Receipt, Refusal>>, StoreError> {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        self.append_prepared(self.prepare(events, threads))
+        self.append_prepared(self.prepare(events, trust::all_cores()))
     }
 
     /// The first stage of an append, which may run while an earlier batch is being committed:

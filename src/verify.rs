@@ -338,7 +338,6 @@ struct Preverified {
 /// key among `hints` or the chunk's own earlier grants. Only a hint for the judge, which
 /// checks the key is the registered one and verifies the signature itself otherwise.
 fn preverify_chunk(chunk: Vec<Vec<u8>>, hints: &HashMap<String, [u8; 32]>) -> Preverified {
-    use crate::proto::event::Body;
     let entries: Vec<Option<Entry>> = chunk
         .iter()
         .map(|bytes| Entry::decode(bytes.as_slice()).ok())
@@ -353,16 +352,7 @@ fn preverify_chunk(chunk: Vec<Vec<u8>>, hints: &HashMap<String, [u8; 32]>) -> Pr
     let leaves = chunk.iter().map(|bytes| merkle::leaf_hash(bytes)).collect();
     let grants: Vec<(String, [u8; 32])> = events
         .iter()
-        .filter_map(|event| {
-            let key = match event.as_ref()?.body.as_ref()? {
-                Body::KeyGrant(grant) => grant.public_key.as_slice(),
-                // The first admin key is named by the genesis, not granted.
-                Body::Genesis(genesis) => genesis.admin_public_key.as_slice(),
-                _ => return None,
-            };
-            let key = <[u8; 32]>::try_from(key).ok()?;
-            Some((crate::envelope::key_id(&key), key))
-        })
+        .filter_map(|event| trust::named_key(event.as_ref()?))
         .collect();
     // Entries that cannot be checked stand in as a signature that matches no key.
     let placeholder = crate::proto::SignedEvent::default();
@@ -374,7 +364,7 @@ fn preverify_chunk(chunk: Vec<Vec<u8>>, hints: &HashMap<String, [u8; 32]>) -> Pr
             }
         }),
         |key_id| hints.get(key_id).copied(),
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        trust::all_cores(),
     );
     Preverified {
         chunk,

@@ -396,7 +396,7 @@ async fn main() -> anyhow::Result<()> {
     .await??;
     println!(
         "reference verify:   {verify_rate:.0} signatures/s (Ed25519 batch verification, {} threads)",
-        threads()
+        custody::trust::all_cores()
     );
     eprintln!("reference: store only ...");
     let batch = args.reference_batch.max(1);
@@ -526,10 +526,6 @@ fn is_refusal(status: &tonic::Status) -> bool {
     )
 }
 
-fn threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
 /// Ed25519 batch verification of every event's signature (keys parsed beforehand), split
 /// over every core in batches of 1,024: signatures per second.
 fn reference_verify(
@@ -552,7 +548,7 @@ fn reference_verify(
             })
         })
         .collect::<anyhow::Result<_>>()?;
-    let per_thread = items.len().div_ceil(threads()).max(1);
+    let per_thread = items.len().div_ceil(custody::trust::all_cores()).max(1);
     let started = Instant::now();
     let bad = std::thread::scope(|scope| {
         let handles: Vec<_> = items
@@ -608,7 +604,7 @@ fn reference_store(
         )?;
         let mut captured = Vec::new();
         for chunk in events.chunks(batch) {
-            let prepared = ledger.prepare(chunk.to_vec(), threads());
+            let prepared = ledger.prepare(chunk.to_vec(), custody::trust::all_cores());
             let outcomes = ledger
                 .append_prepared_observed(prepared, |commit| captured.push(commit.clone()))?;
             if let Some(refusal) = outcomes.iter().find_map(|o| o.as_ref().err()) {

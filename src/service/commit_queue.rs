@@ -97,7 +97,7 @@ async fn verify_stage(
     prepared_tx: mpsc::Sender<(PreparedBatch, Replies)>,
     max_batch: usize,
 ) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = crate::trust::all_cores();
     let mut submissions = Vec::with_capacity(max_batch);
     loop {
         if rx.recv_many(&mut submissions, max_batch).await == 0 {

@@ -30,7 +30,7 @@ pub use limits::{
     MAX_REPEATED, MAX_TEXT_LEN, MAX_TIME_MS,
 };
 pub use memory::MemoryState;
-pub use preverify::preverify;
+pub use preverify::{all_cores, named_key, preverify};
 pub use records::{ConsentRecord, TokenRecord};
 
 use crate::envelope;

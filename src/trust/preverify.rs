@@ -1,5 +1,5 @@
 //! Signature pre-verification for a run of events: guess each signer's key (registered
-//! before the run, or granted by an earlier event of the run), then check all signatures with
+//! before the run, or named by an earlier grant or genesis of the run, see [`named_key`]), then check all signatures with
 //! Ed25519 batch verification on every core, settling a failed batch signature by signature.
 //! By the signature rule (see [`envelope`]), the answer for each event does not depend on the
 //! batch it was in. The result is only a hint for [`authenticate`](super::authenticate): it
@@ -12,6 +12,24 @@ use ed25519_dalek::VerifyingKey;
 
 use crate::envelope::{self, BatchItem};
 use crate::proto::{event::Body, Event, SignedEvent};
+
+/// The key an event puts in the registry, by key id: the key a grant grants, or the first
+/// admin key a genesis names.
+pub fn named_key(event: &Event) -> Option<(String, [u8; 32])> {
+    let key = match event.body.as_ref()? {
+        Body::KeyGrant(grant) => grant.public_key.as_slice(),
+        Body::Genesis(genesis) => genesis.admin_public_key.as_slice(),
+        _ => return None,
+    };
+    let key = <[u8; 32]>::try_from(key).ok()?;
+    Some((envelope::key_id(&key), key))
+}
+
+/// The number of threads that covers every core (at least one): what callers usually pass
+/// to [`preverify`].
+pub fn all_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
 
 /// Fewest signatures worth a thread of their own.
 const MIN_PER_THREAD: usize = 128;
@@ -34,14 +52,8 @@ pub fn preverify<'a>(
             .get(&signed.key_id)
             .copied()
             .or_else(|| registered(&signed.key_id));
-        if let Some(Event {
-            body: Some(Body::KeyGrant(grant)),
-            ..
-        }) = event
-        {
-            if let Ok(granted_key) = <[u8; 32]>::try_from(grant.public_key.as_slice()) {
-                granted.insert(envelope::key_id(&granted_key), granted_key);
-            }
+        if let Some((key_id, named)) = event.and_then(named_key) {
+            granted.insert(key_id, named);
         }
         let Some(key) = key else { continue };
         let verifying = *parsed
