@@ -565,33 +565,26 @@ fn store_stats(data_dir: &std::path::Path) -> anyhow::Result<()> {
         keys::META => "metadata",
         _ => "other",
     };
-    outln!(
-        "{:<16} {:>12} {:>14} {:>14}",
-        "kind",
-        "keys",
-        "key bytes",
-        "value bytes"
-    );
+    let row = |kind: &str,
+               keys: &dyn std::fmt::Display,
+               key: &dyn std::fmt::Display,
+               value: &dyn std::fmt::Display| {
+        outln!("{kind:<16} {keys:>12} {key:>14} {value:>14}");
+    };
+    row("kind", &"keys", &"key bytes", &"value bytes");
     let mut total = (0u64, 0u64, 0u64);
-    for row in &usage {
-        outln!(
-            "{:<16} {:>12} {:>14} {:>14}",
-            name(row.prefix),
-            row.keys,
-            row.key_bytes,
-            row.value_bytes
+    for usage in &usage {
+        row(
+            name(usage.prefix),
+            &usage.keys,
+            &usage.key_bytes,
+            &usage.value_bytes,
         );
-        total.0 += row.keys;
-        total.1 += row.key_bytes;
-        total.2 += row.value_bytes;
+        total.0 += usage.keys;
+        total.1 += usage.key_bytes;
+        total.2 += usage.value_bytes;
     }
-    outln!(
-        "{:<16} {:>12} {:>14} {:>14}",
-        "total",
-        total.0,
-        total.1,
-        total.2
-    );
+    row("total", &total.0, &total.1, &total.2);
     let entry_bytes = usage
         .iter()
         .find(|row| row.prefix == keys::ENTRY)

@@ -57,11 +57,6 @@ pub fn index_prefix(tag: u8, value: &str) -> Vec<u8> {
     key
 }
 
-/// The key of the postings block of `value` of field `tag` that starts at `seq`.
-pub fn index(tag: u8, value: &str, seq: u64) -> Vec<u8> {
-    block_key(&index_prefix(tag, value), seq)
-}
-
 /// The key of the postings block of the term `prefix` (from [`index_prefix`]) starting at `seq`.
 pub fn block_key(prefix: &[u8], seq: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(prefix.len() + 8);
@@ -183,10 +178,10 @@ mod tests {
 
     #[test]
     fn index_keys_of_one_value_sort_by_seq_and_exclude_longer_values() {
-        let a = index(FIELD_USER, "al", 300);
-        let b = index(FIELD_USER, "al", 5);
-        let other = index(FIELD_USER, "alice", 1);
         let prefix = index_prefix(FIELD_USER, "al");
+        let a = block_key(&prefix, 300);
+        let b = block_key(&prefix, 5);
+        let other = block_key(&index_prefix(FIELD_USER, "alice"), 1);
         assert!(b < a);
         assert!(a.starts_with(&prefix) && b.starts_with(&prefix));
         assert!(!other.starts_with(&prefix), "'al' must not match 'alice'");

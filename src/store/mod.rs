@@ -690,7 +690,6 @@ mod tests {
                 probe % 3 == 0 && probe < seq
             );
         }
-        let all = keys::index_prefix(keys::FIELD_USER, "all");
         assert_eq!(
             store.index_seqs(&all, None, None, false).count() as u64,
             seq
