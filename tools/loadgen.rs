@@ -421,6 +421,14 @@ struct Sent {
 }
 
 impl Sent {
+    fn with_capacity(events: usize) -> Self {
+        Self {
+            latencies: Vec::with_capacity(events),
+            acked: 0,
+            refused: 0,
+        }
+    }
+
     fn record(&mut self, due: Instant, receipt: &Receipt) {
         self.latencies.push(due.elapsed());
         if receipt.error.is_some() {
@@ -431,14 +439,17 @@ impl Sent {
     }
 }
 
-/// When each event is due: now for an unpaced run, else spread at `rate` events/s.
-fn due_times(count: usize, rate: Option<f64>, start: Instant) -> Vec<Instant> {
-    (0..count)
-        .map(|i| match rate {
-            Some(rate) => start + Duration::from_secs_f64(i as f64 / rate),
-            None => start,
-        })
-        .collect()
+/// Waits until the `i`th event is due and returns when it was due: paced at `rate` events/s
+/// from `start`, or at once (returning now) for an unpaced run.
+async fn when_due(i: usize, rate: Option<f64>, start: Instant) -> Instant {
+    match rate {
+        Some(rate) => {
+            let due = start + Duration::from_secs_f64(i as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+            due
+        }
+        None => Instant::now(),
+    }
 }
 
 /// Sends `events` over one AppendStream, paced by a feeder task. Latency counts from when an
@@ -452,12 +463,9 @@ async fn send_stream(
     let (tx, rx) = tokio::sync::mpsc::channel::<SignedEvent>(4096);
     let (stamp_tx, mut stamp_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     let feeder = tokio::spawn(async move {
-        let due = due_times(count, rate, Instant::now());
-        for (event, due) in events.into_iter().zip(due) {
-            if rate.is_some() {
-                tokio::time::sleep_until(due.into()).await;
-            }
-            let stamp = if rate.is_some() { due } else { Instant::now() };
+        let start = Instant::now();
+        for (i, event) in events.into_iter().enumerate() {
+            let stamp = when_due(i, rate, start).await;
             if stamp_tx.send(stamp).is_err() || tx.send(event).await.is_err() {
                 break;
             }
@@ -467,11 +475,7 @@ async fn send_stream(
         .append_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?
         .into_inner();
-    let mut sent = Sent {
-        latencies: Vec::with_capacity(count),
-        acked: 0,
-        refused: 0,
-    };
+    let mut sent = Sent::with_capacity(count);
     while let Some(receipt) = inbound.next().await {
         let receipt = receipt?;
         let due = stamp_rx
@@ -490,17 +494,10 @@ async fn send_unary(
     events: Vec<SignedEvent>,
     rate: Option<f64>,
 ) -> anyhow::Result<Sent> {
-    let due = due_times(events.len(), rate, Instant::now());
-    let mut sent = Sent {
-        latencies: Vec::with_capacity(events.len()),
-        acked: 0,
-        refused: 0,
-    };
-    for (event, due) in events.into_iter().zip(due) {
-        if rate.is_some() {
-            tokio::time::sleep_until(due.into()).await;
-        }
-        let stamp = if rate.is_some() { due } else { Instant::now() };
+    let start = Instant::now();
+    let mut sent = Sent::with_capacity(events.len());
+    for (i, event) in events.into_iter().enumerate() {
+        let stamp = when_due(i, rate, start).await;
         let receipt = match client.append(event).await {
             Ok(receipt) => receipt.into_inner(),
             Err(status) if is_refusal(&status) => Receipt {
