@@ -1,6 +1,6 @@
 //! The append pipeline and the ledger's own keys.
 //!
-//! An append has three stages, which the server runs on three threads so that three batches
+//! An append has four stages, which the server runs on four threads so that four batches
 //! are in progress at once (see `service::commit_queue`):
 //!
 //! 1. [`Ledger::prepare`] decodes the events that arrived together and batch-verifies their
@@ -12,15 +12,20 @@
 //!    the batch so far. The accepted events become entries, and one checkpoint is signed over
 //!    the tree that includes them. A refused event writes nothing and does not disturb the
 //!    others.
-//! 3. [`Ledger::write`], in order, commits the batch as one atomic, flushed sled batch, then
-//!    publishes the new head and returns the receipts. No receipt and no checkpoint is visible
-//!    before the batch is durable.
+//! 3. [`Ledger::apply`], in order, writes the batch to the store as one atomic sled batch,
+//!    not yet flushed.
+//! 4. [`Ledger::finish`], in order, flushes the store (making that batch, and any applied
+//!    after it, durable), then publishes the new head and returns the receipts. No receipt
+//!    and no checkpoint is visible before the batch is durable; reads are bounded by the
+//!    published head, so they never show an entry that is not yet durable. Batch N+1 may be
+//!    applied while batch N is being flushed.
 //!
-//! [`Ledger::append_batch`] runs all three one after the other.
+//! [`Ledger::write`] runs the last two one after the other; [`Ledger::append_batch`] runs all
+//! four.
 //!
-//! Concurrency: the judge and write stages must each be driven by one thread at a time, with
-//! batches in the same order; a storage failure in either stops all later appends until a
-//! restart. The read methods may be called from anywhere at any time.
+//! Concurrency: the judge, apply and finish stages must each be driven by one thread at a
+//! time, with batches in the same order; a storage failure in any stage stops all later
+//! appends until a restart. The read methods may be called from anywhere at any time.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::RwLock;
@@ -295,8 +300,8 @@ impl Ledger {
     /// `in_flight` so the next batch sees it.
     ///
     /// Batches must be judged by one thread, with one `InFlight`, in the order they are then
-    /// given to [`write`](Self::write). A storage failure here stops the ledger's appends as
-    /// one in `write` does.
+    /// given to [`apply`](Self::apply). A storage failure here stops the ledger's appends as
+    /// one in `apply` or `finish` does.
     pub fn judge(
         &self,
         prepared: PreparedBatch,
@@ -305,17 +310,56 @@ impl Ledger {
         self.unless_failed(|| self.judge_unchecked(prepared, in_flight))
     }
 
-    /// The third stage of an append: commits a judged batch durably (one atomic write, one
-    /// flush), publishes the new head, and only then returns the receipts and refusals, in
-    /// the order of the events. A storage failure fails the whole batch, acknowledges nothing
-    /// and stops further appends (later batches already judged fail with
-    /// [`StoreError::Stopped`]) until the ledger is restarted.
+    /// The third and fourth stages of an append, one after the other
+    /// ([`apply`](Self::apply), then [`finish`](Self::finish)): commits a judged batch durably
+    /// (one atomic write, one flush), publishes the new head, and only then returns the
+    /// receipts and refusals, in the order of the events. A storage failure fails the whole
+    /// batch, acknowledges nothing and stops further appends (later batches already judged
+    /// fail with [`StoreError::Stopped`]) until the ledger is restarted.
     pub fn write(
         &self,
         judged: JudgedBatch,
         observe: impl FnOnce(&Commit),
     ) -> Result<Vec<Result<Receipt, Refusal>>, StoreError> {
-        self.unless_failed(|| self.write_unchecked(judged, observe))
+        let applied = self.apply(judged, observe)?;
+        self.finish(applied)
+    }
+
+    /// The third stage of an append, which may run while the previous batch is being flushed:
+    /// writes a judged batch to the store as one atomic batch, not yet durable, after showing
+    /// `observe` its durable form (the load generator replays these to measure the store
+    /// alone). Publishes nothing. Batches must be applied by one thread, in the order they
+    /// were judged, and then given to [`finish`](Self::finish) in the same order.
+    pub fn apply(
+        &self,
+        judged: JudgedBatch,
+        observe: impl FnOnce(&Commit),
+    ) -> Result<AppliedBatch, StoreError> {
+        self.unless_failed(|| {
+            let head = match judged.commit {
+                Some((commit, head)) => {
+                    observe(&commit);
+                    self.store.apply(&commit)?;
+                    Some(head)
+                }
+                None => None,
+            };
+            Ok(AppliedBatch {
+                head,
+                outcomes: judged.outcomes,
+            })
+        })
+    }
+
+    /// The fourth stage of an append: flushes the store, so that the batch (and any applied
+    /// after it) is durable, publishes the batch's head and only then returns the receipts and
+    /// refusals, in the order of the events. A storage failure acknowledges nothing and stops
+    /// further appends.
+    pub fn finish(
+        &self,
+        applied: AppliedBatch,
+    ) -> Result<Vec<Result<Receipt, Refusal>>, StoreError> {
+        self.unless_failed(|| self.finish_unchecked(applied))
     }
 
     /// Runs `stage` unless an earlier storage failure stopped appends; a failure of `stage`
@@ -370,22 +414,23 @@ impl Ledger {
         })
     }
 
-    fn write_unchecked(
+    fn finish_unchecked(
         &self,
-        judged: JudgedBatch,
-        observe: impl FnOnce(&Commit),
+        applied: AppliedBatch,
     ) -> Result<Vec<Result<Receipt, Refusal>>, StoreError> {
-        let head = match judged.commit {
-            Some((commit, head)) => {
-                observe(&commit);
-                self.store.commit(&commit)?;
+        // Flushed even when the batch wrote nothing: its duplicates may name entries of an
+        // earlier batch, whose receipts must not be outrun.
+        self.store.flush()?;
+        let head = match applied.head {
+            Some(head) => {
                 self.publish(head.clone());
                 head
             }
             None => self.head(),
         };
-        // Every earlier batch was written before this one, so every seq named here is stored.
-        judged
+        // Every earlier batch was finished before this one, so every seq named here is
+        // durable.
+        applied
             .outcomes
             .into_iter()
             .map(|outcome| match outcome {
@@ -542,7 +587,15 @@ impl Drop for StopOnPanic<'_> {
     }
 }
 
-/// A batch judged by [`Ledger::judge`], waiting for [`Ledger::write`].
+/// A batch written by [`Ledger::apply`], waiting for [`Ledger::finish`] to flush it and
+/// answer its events.
+pub struct AppliedBatch {
+    /// The head the batch makes, if it accepted any event.
+    head: Option<Head>,
+    outcomes: Vec<Admitted>,
+}
+
+/// A batch judged by [`Ledger::judge`], waiting for [`Ledger::apply`].
 pub struct JudgedBatch {
     /// The durable form of the accepted entries and the head it makes, if any was accepted.
     commit: Option<(Commit, Head)>,
@@ -1188,6 +1241,43 @@ mod tests {
         store.drop_derived().unwrap();
         let reopened = Ledger::open(store, SigningKey::from_bytes(&[2; 32])).unwrap();
         assert_eq!(reopened.head().root, head.root);
+    }
+
+    #[test]
+    fn a_batch_applied_before_the_previous_is_flushed_is_published_only_when_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, user, issuer) = ledger_with_keys(dir.path());
+        let (consent, token) = consent_and_token(&user, &issuer);
+        let before = ledger.head();
+        let mut in_flight = InFlight::default();
+        let first = ledger
+            .judge(ledger.prepare(vec![consent.clone()], 1), &mut in_flight)
+            .unwrap();
+        let second = ledger
+            .judge(ledger.prepare(vec![token, consent], 1), &mut in_flight)
+            .unwrap();
+        let first = ledger.apply(first, |_| ()).unwrap();
+        let second = ledger.apply(second, |_| ()).unwrap();
+        // Both are in the store, but neither head is published before its flush.
+        assert!(ledger
+            .store()
+            .entry(before.tree_size + 1)
+            .unwrap()
+            .is_some());
+        assert_eq!(ledger.head(), before);
+
+        let first = ledger.finish(first).unwrap();
+        assert_eq!(ledger.head().tree_size, before.tree_size + 1);
+        assert_eq!(first[0].as_ref().unwrap().seq, before.tree_size);
+        let second = ledger.finish(second).unwrap();
+        assert_eq!(ledger.head().tree_size, before.tree_size + 2);
+        let token_receipt = second[0].as_ref().unwrap();
+        assert_eq!(token_receipt.seq, before.tree_size + 1);
+        assert_eq!(token_receipt.checkpoint, ledger.head().checkpoint);
+        // The retry of the first batch's event gets the first batch's seq.
+        let retry = second[1].as_ref().unwrap();
+        assert!(retry.duplicate);
+        assert_eq!(retry.seq, before.tree_size);
     }
 
     #[test]

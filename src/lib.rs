@@ -17,8 +17,8 @@
 //!
 //! - [`store`]: sled key layout, atomic durable group commits, tail check on open.
 //! - [`ledger`]: the append pipeline (prepare: decode and batch-verify; judge: evaluate,
-//!   sequence and sign the checkpoint; write: commit and flush) and the ledger's keys and
-//!   genesis.
+//!   sequence and sign the checkpoint; apply: one atomic write; finish: flush, publish,
+//!   receipts) and the ledger's keys and genesis.
 //! - [`service`]: the tonic services `Ledger` and `Audit`; errors to gRPC codes in one place.
 //! - [`server`]: configuration, data directory, listener, health, reflection, shutdown.
 //! - [`proto`]: the generated protobuf and gRPC types of `proto/custody/v1/custody.proto`.

@@ -1,13 +1,15 @@
-//! Group commit in three stages, each on its own blocking thread, so that a machine's cores
-//! work on three batches at once. Events from every connection queue here.
+//! Group commit in four stages, each on its own blocking thread, so that a machine's cores
+//! work on four batches at once. Events from every connection queue here.
 //!
 //! 1. Verify: takes whatever has arrived (up to a batch limit), decodes it and batch-verifies
 //!    its signatures on every core ([`Ledger::prepare`]).
 //! 2. Judge: in order, judges each event against the state before it, builds the entries and
 //!    signs the batch's checkpoint ([`Ledger::judge`]); it sees the batches still being
 //!    written through its [`InFlight`] memory.
-//! 3. Write: in order, commits each batch with one atomic write and one flush
-//!    ([`Ledger::write`]) and only then answers each submitter.
+//! 3. Apply: in order, writes each batch to the store with one atomic write
+//!    ([`Ledger::apply`]), while the batch before it is being flushed.
+//! 4. Finish: in order, flushes the store ([`Ledger::finish`]) and only then publishes the
+//!    batch's head and answers each submitter.
 //!
 //! Every queue is bounded (the submission queue by `capacity` events, each hand-over between
 //! stages by one batch), so when the store falls behind, submitters wait for room instead of
@@ -18,7 +20,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
-use crate::ledger::{InFlight, JudgedBatch, Ledger, PreparedBatch};
+use crate::ledger::{AppliedBatch, InFlight, JudgedBatch, Ledger, PreparedBatch};
 use crate::proto::{Receipt, SignedEvent};
 
 use super::status;
@@ -64,6 +66,7 @@ impl CommitQueue {
         // bound memory.
         let (prepared_tx, prepared_rx) = mpsc::channel(1);
         let (judged_tx, judged_rx) = mpsc::channel(1);
+        let (applied_tx, applied_rx) = mpsc::channel(1);
         tokio::spawn(verify_stage(
             ledger.clone(),
             rx,
@@ -71,7 +74,8 @@ impl CommitQueue {
             limits.max_batch.max(1),
         ));
         tokio::spawn(judge_stage(ledger.clone(), prepared_rx, judged_tx));
-        let task = tokio::spawn(write_stage(ledger, judged_rx));
+        tokio::spawn(apply_stage(ledger.clone(), judged_rx, applied_tx));
+        let task = tokio::spawn(finish_stage(ledger, applied_rx));
         (Self { tx }, task)
     }
 
@@ -121,7 +125,7 @@ async fn verify_stage(
     }
 }
 
-/// Judges prepared batches in order and hands them to the write stage. A storage failure
+/// Judges prepared batches in order and hands them to the apply stage. A storage failure
 /// answers the batch's submitters; the ledger then refuses every later batch.
 async fn judge_stage(
     ledger: Arc<Ledger>,
@@ -155,13 +159,40 @@ async fn judge_stage(
     }
 }
 
-/// Writes judged batches in order and answers their submitters once each is durable.
-/// Ends (after a final flush) when the earlier stages have ended and everything is written.
-async fn write_stage(ledger: Arc<Ledger>, mut judged_rx: mpsc::Receiver<(JudgedBatch, Replies)>) {
+/// Applies judged batches to the store in order and hands them to the finish stage.
+async fn apply_stage(
+    ledger: Arc<Ledger>,
+    mut judged_rx: mpsc::Receiver<(JudgedBatch, Replies)>,
+    applied_tx: mpsc::Sender<(AppliedBatch, Replies)>,
+) {
     while let Some((judged, replies)) = judged_rx.recv().await {
         let ledger_for_batch = ledger.clone();
-        let outcome = run_stage("write", replies.len(), move || {
-            ledger_for_batch.write(judged, |_| ())
+        let outcome = run_stage("apply", replies.len(), move || {
+            ledger_for_batch.apply(judged, |_| ())
+        })
+        .await;
+        match outcome {
+            Ok(Ok(applied)) => {
+                if applied_tx.send((applied, replies)).await.is_err() {
+                    break;
+                }
+            }
+            Ok(Err(error)) => fail_storage(replies, &error),
+            Err(join_error) => fail_all(replies, &join_error),
+        }
+    }
+}
+
+/// Flushes applied batches in order and answers their submitters once each is durable.
+/// Ends (after a final flush) when the earlier stages have ended and everything is written.
+async fn finish_stage(
+    ledger: Arc<Ledger>,
+    mut applied_rx: mpsc::Receiver<(AppliedBatch, Replies)>,
+) {
+    while let Some((applied, replies)) = applied_rx.recv().await {
+        let ledger_for_batch = ledger.clone();
+        let outcome = run_stage("finish", replies.len(), move || {
+            ledger_for_batch.finish(applied)
         })
         .await;
         match outcome {

@@ -426,6 +426,17 @@ impl Store {
 
     /// Writes `commit` atomically and flushes it to disk. Durable once this returns `Ok`.
     pub fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
+        self.apply(commit)?;
+        // If we crash before flush returns, the batch may or may not be present, but whole;
+        // no receipt has been sent for it yet.
+        self.flush()
+    }
+
+    /// Writes `commit` atomically, without waiting for the disk: readers of the store see it
+    /// at once, and a crash before the next [`flush`](Self::flush) returns may lose it (whole,
+    /// never half). The next commit may be applied while this one is being flushed; a flush
+    /// makes everything applied before it durable.
+    pub fn apply(&self, commit: &Commit) -> Result<(), StoreError> {
         let committed_size = self.head_size()?;
         if commit.first_seq != committed_size {
             // Never overwrite: a writer whose view is stale must not reuse sequence numbers.
@@ -520,13 +531,10 @@ impl Store {
         );
         // If we crash before apply_batch returns, the batch is absent after recovery.
         self.tree.apply_batch(batch)?;
-        // If we crash before flush returns, the batch may or may not be present, but whole;
-        // no receipt has been sent for it yet.
-        self.db.flush()?;
         Ok(())
     }
 
-    /// Flushes everything written so far (used at shutdown).
+    /// Makes everything applied so far durable: once this returns `Ok`, it survives a crash.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
