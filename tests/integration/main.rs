@@ -2,6 +2,7 @@
 //! a real socket with the generated tonic clients.
 //!
 //! - `audit`: export and offline verification; every kind of tampering caught.
+//! - `crash`: the real binary killed with SIGKILL while streaming, restarted, checked.
 //! - `cli`: `custody query` and `custody trace` as a reviewer runs them.
 //! - `support`: starting and stopping servers, keys, signed-event builders.
 //! - `write`: genesis, key grants, unary and streaming appends, every refusal.
@@ -14,6 +15,7 @@
 
 mod audit;
 mod cli;
+mod crash;
 mod durability;
 mod proofs;
 mod query;

@@ -1,0 +1,347 @@
+//! Crash safety: the real `custody` binary is killed with SIGKILL at random moments while
+//! several clients stream events to it, and restarted each time. Every acknowledged receipt
+//! must survive with its seq and leaf hash, the store must hold exactly the entries its last
+//! checkpoint covers, the export must verify end to end, and every checkpoint seen must be
+//! consistent with the final tree.
+//!
+//! The kill moments come from a seed printed at the start; set `CUSTODY_CRASH_SEED` to replay
+//! a run.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use custody::checkpoint::{self, LedgerVerifier};
+use custody::merkle::{self, Hash};
+use custody::proto::{
+    audit_client::AuditClient, ledger_client::LedgerClient, ConsistencyProofRequest,
+    GetCheckpointRequest, Role,
+};
+use ed25519_dalek::SigningKey;
+use tokio_stream::StreamExt as _;
+
+use crate::support::*;
+
+/// Kill and restart cycles.
+const CYCLES: u32 = 12;
+/// Concurrent streaming clients per cycle.
+const CLIENTS: u8 = 4;
+
+/// What an acknowledged receipt promised.
+#[derive(Debug, Clone, PartialEq)]
+struct Promise {
+    seq: u64,
+    leaf: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Seen {
+    /// event_id -> the receipt's promise.
+    receipts: BTreeMap<String, Promise>,
+    /// Every distinct checkpoint note seen, in receipts or from `GetCheckpoint`.
+    checkpoints: BTreeSet<String>,
+}
+
+/// A small deterministic generator (xorshift64*), so a failing run can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, bound: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % bound
+    }
+}
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    /// Starts `custody serve` on `data` and waits until it answers.
+    // The child is moved into the returned `Server`, which `kill` and `terminate` wait for.
+    #[allow(clippy::zombie_processes)]
+    async fn start(data: &Path, log: &Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_custody"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--admin-public-key")
+            .arg(hex::encode(key(1).verifying_key().to_bytes()))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let started = Instant::now();
+        loop {
+            if let Ok(mut audit) = AuditClient::connect(url.clone()).await {
+                if audit.get_checkpoint(GetCheckpointRequest {}).await.is_ok() {
+                    return Self { child, url };
+                }
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the server did not come up within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap(); // SIGKILL on Unix
+        self.child.wait().unwrap();
+    }
+
+    /// Stops the server with SIGTERM; it must exit 0 within 30 s.
+    fn terminate(mut self) {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "custody serve exited with {status}");
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "custody serve did not exit within 30 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    async fn checkpoint(&self) -> String {
+        AuditClient::connect(self.url.clone())
+            .await
+            .unwrap()
+            .get_checkpoint(GetCheckpointRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .note
+    }
+}
+
+fn issuer(client: u8) -> SigningKey {
+    key(2 + client)
+}
+
+/// Streams consents until the server goes away, recording every acknowledged receipt.
+async fn stream_until_cut(url: String, client: u8, cycle: u32, seen: Arc<Mutex<Seen>>) {
+    let Ok(mut ledger) = LedgerClient::connect(url).await else {
+        return;
+    };
+    let signer = issuer(client);
+    let events = tokio_stream::iter(0..100_000u32).map(move |n| {
+        let id = format!("k{cycle}-c{client}-{n}");
+        sign(&signer, &consent(&id, &id, &format!("user-{client}")))
+    });
+    let Ok(response) = ledger.append_stream(events).await else {
+        return;
+    };
+    let mut receipts = response.into_inner();
+    while let Some(Ok(receipt)) = receipts.next().await {
+        assert!(receipt.error.is_none(), "refused: {:?}", receipt.error);
+        assert!(
+            !receipt.duplicate,
+            "fresh event {} was a duplicate",
+            receipt.event_id
+        );
+        let mut seen = seen.lock().unwrap();
+        seen.checkpoints.insert(receipt.checkpoint.clone());
+        let promise = Promise {
+            seq: receipt.seq,
+            leaf: receipt.leaf_hash.clone(),
+        };
+        assert!(seen.receipts.insert(receipt.event_id, promise).is_none());
+    }
+}
+
+fn read_verifier(data: &Path) -> LedgerVerifier {
+    let key = std::fs::read_to_string(data.join("ledger.pub")).unwrap();
+    LedgerVerifier::parse(key.trim()).unwrap()
+}
+
+fn hashes(bytes: &[Vec<u8>]) -> Vec<Hash> {
+    bytes
+        .iter()
+        .map(|b| merkle::hash_from_slice(b).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_entries_survive_repeated_sigkill() {
+    let seed = std::env::var("CUSTODY_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("crash test seed: {seed} (CUSTODY_CRASH_SEED={seed} replays it)");
+    let mut rng = Rng(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let data: PathBuf = dir.path().join("data");
+    let log = dir.path().join("server.log");
+
+    let mut server = Server::start(&data, &log).await;
+    let verifier = read_verifier(&data);
+    let admin = key(1);
+    let mut ledger = LedgerClient::connect(server.url.clone()).await.unwrap();
+    for client in 0..CLIENTS {
+        let grant = key_grant(
+            &format!("grant-{client}"),
+            &issuer(client),
+            Role::Issuer,
+            "auth.example",
+        );
+        ledger.append(sign(&admin, &grant)).await.unwrap();
+    }
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let mut size_before = 0;
+    for cycle in 0..CYCLES {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|client| {
+                tokio::spawn(stream_until_cut(
+                    server.url.clone(),
+                    client,
+                    cycle,
+                    seen.clone(),
+                ))
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100 + rng.below(700))).await;
+        server.kill();
+        for client in clients {
+            client.await.unwrap();
+        }
+
+        server = Server::start(&data, &log).await;
+        let note = server.checkpoint().await;
+        let head = checkpoint::open(&note, &verifier).unwrap();
+        let mut so_far = seen.lock().unwrap();
+        let highest = so_far.receipts.values().map(|p| p.seq).max().unwrap_or(0);
+        assert!(
+            head.tree_size() > highest,
+            "cycle {cycle}: restarted at {} entries, but seq {highest} was acknowledged",
+            head.tree_size()
+        );
+        assert!(
+            head.tree_size() >= size_before,
+            "cycle {cycle}: the tree shrank"
+        );
+        size_before = head.tree_size();
+        eprintln!(
+            "cycle {cycle}: restarted at {} entries, {} receipts so far",
+            head.tree_size(),
+            so_far.receipts.len()
+        );
+        so_far.checkpoints.insert(note);
+    }
+
+    // Every checkpoint seen verifies and is a prefix of the final tree.
+    let final_note = server.checkpoint().await;
+    let last = checkpoint::open(&final_note, &verifier).unwrap();
+    let mut audit = AuditClient::connect(server.url.clone()).await.unwrap();
+    let notes = seen.lock().unwrap().checkpoints.clone();
+    assert!(notes.len() > CYCLES as usize, "too few checkpoints seen");
+    for note in &notes {
+        let old = checkpoint::open(note, &verifier).unwrap();
+        if old.tree_size() == last.tree_size() {
+            assert_eq!(old.root(), last.root(), "two roots for one tree size");
+            continue;
+        }
+        let proof = audit
+            .get_consistency_proof(ConsistencyProofRequest {
+                old_size: old.tree_size(),
+                new_size: last.tree_size(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        merkle::verify_consistency(
+            &hashes(&proof.hashes),
+            old.tree_size(),
+            old.root(),
+            last.tree_size(),
+            last.root(),
+        )
+        .unwrap_or_else(|e| panic!("checkpoint at {} is not a prefix: {e}", old.tree_size()));
+    }
+    server.terminate();
+
+    // The stopped store holds exactly the entries its last checkpoint covers.
+    let store = custody::store::Store::open(&data.join("db")).unwrap();
+    let head = store.head().unwrap().unwrap();
+    assert_eq!(head.tree_size, last.tree_size());
+    assert_eq!(store.entry_count().unwrap(), head.tree_size);
+    store.check_tail(&head).unwrap();
+    drop(store);
+
+    // The export verifies end to end, and holds every acknowledged entry where its receipt
+    // said, with the same leaf hash.
+    let export = dir.path().join("ledger.export");
+    let output = run_cli(vec![
+        "export".into(),
+        "--data-dir".into(),
+        data.display().to_string(),
+        "--out".into(),
+        export.display().to_string(),
+    ])
+    .await;
+    assert!(output.status.success(), "{output:?}");
+    let file = std::io::BufReader::new(std::fs::File::open(&export).unwrap());
+    let report = custody::verify::verify_export(file, &verifier, None, |_, _| ())
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.tree_size, last.tree_size());
+
+    let file = std::io::BufReader::new(std::fs::File::open(&export).unwrap());
+    let (mut reader, _) = custody::export::ExportReader::open(file).unwrap();
+    let mut leaves = Vec::new();
+    while let Some(bytes) = reader.next_entry().unwrap() {
+        leaves.push(merkle::leaf_hash(&bytes).0.to_vec());
+    }
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.receipts.len() > 100,
+        "too few receipts to mean anything"
+    );
+    for (event_id, promise) in &seen.receipts {
+        assert_eq!(
+            leaves.get(promise.seq as usize),
+            Some(&promise.leaf),
+            "acknowledged {event_id} at seq {} is not in the ledger as promised",
+            promise.seq
+        );
+    }
+    eprintln!(
+        "{} receipts across {CYCLES} kills, all present; {} entries verified",
+        seen.receipts.len(),
+        report.tree_size
+    );
+}
