@@ -86,9 +86,10 @@ pub struct Ledger {
     max_clock_skew_ms: i64,
     head: RwLock<Head>,
     size_tx: tokio::sync::watch::Sender<u64>,
-    /// Set after a storage failure: the in-memory head may no longer match the store, so the
-    /// ledger refuses further appends until it is restarted (and re-checks itself on open).
-    failed: std::sync::atomic::AtomicBool,
+    /// Turns true after a storage failure: the in-memory head may no longer match the store,
+    /// so the ledger refuses further appends until it is restarted (and re-checks itself on
+    /// open). Never turns back.
+    failed: tokio::sync::watch::Sender<bool>,
 }
 
 impl Ledger {
@@ -130,7 +131,7 @@ impl Ledger {
             max_clock_skew_ms: params.max_clock_skew_ms,
             head: RwLock::new(empty),
             size_tx,
-            failed: Default::default(),
+            failed: tokio::sync::watch::Sender::new(false),
         };
         let none_in_flight = VecDeque::new();
         let mut batch = Batch::new(&ledger.store, 0, &none_in_flight)?;
@@ -192,7 +193,7 @@ impl Ledger {
             max_clock_skew_ms: genesis.max_clock_skew_ms,
             head: RwLock::new(head),
             size_tx,
-            failed: Default::default(),
+            failed: tokio::sync::watch::Sender::new(false),
         })
     }
 
@@ -206,6 +207,12 @@ impl Ledger {
     /// Follows the tree size as batches commit.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.size_tx.subscribe()
+    }
+
+    /// Follows whether appends have stopped after a storage failure (or a panic in an append
+    /// stage): `false` until then, `true` from then until the process ends.
+    pub fn stopped(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.failed.subscribe()
     }
 
     /// The store, for reads.
@@ -368,8 +375,7 @@ impl Ledger {
         &self,
         stage: impl FnOnce() -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        use std::sync::atomic::Ordering;
-        if self.failed.load(Ordering::SeqCst) {
+        if *self.failed.borrow() {
             return Err(StoreError::Stopped);
         }
         // A stage that panics stops appends too: the judge's memory of batches in flight, or
@@ -377,7 +383,7 @@ impl Ledger {
         let _guard = StopOnPanic(&self.failed);
         let outcome = stage();
         if outcome.is_err() {
-            self.failed.store(true, Ordering::SeqCst);
+            self.failed.send_replace(true);
         }
         outcome
     }
@@ -577,12 +583,12 @@ impl PreparedBatch {
 }
 
 /// Sets the flag if dropped while its thread panics.
-struct StopOnPanic<'a>(&'a std::sync::atomic::AtomicBool);
+struct StopOnPanic<'a>(&'a tokio::sync::watch::Sender<bool>);
 
 impl Drop for StopOnPanic<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.0.send_replace(true);
         }
     }
 }
@@ -1405,6 +1411,7 @@ mod tests {
             ledger.unless_failed::<()>(|| panic!("a stage failed unexpectedly"))
         }));
         assert!(panicked.is_err());
+        assert!(*ledger.stopped().borrow());
         assert!(matches!(
             ledger.append_batch(vec![]),
             Err(StoreError::Stopped)

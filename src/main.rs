@@ -57,6 +57,14 @@ enum Command {
         /// How far an event's occurred_at_ms may stray from the ledger clock (new ledger).
         #[arg(long, default_value_t = server::DEFAULT_MAX_CLOCK_SKEW_MS)]
         max_clock_skew_ms: i64,
+        /// Seconds that SIGTERM or Ctrl-C waits for open calls to finish before closing
+        /// their connections; everything acknowledged is durable either way.
+        #[arg(long, value_name = "SECONDS", default_value_t = server::DEFAULT_DRAIN_TIMEOUT.as_secs_f64())]
+        drain_timeout: f64,
+        /// Log format on stderr: `text` for people, `json` (one object per line) for log
+        /// pipelines. RUST_LOG sets the filter (default `info`).
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Prints a new Ed25519 key pair as JSON (secret_key hex seed, public_key hex, key_id).
     Keygen,
@@ -390,11 +398,15 @@ async fn run(cli: Cli) -> anyhow::Result<Result<(), Failure>> {
             origin,
             admin_public_key,
             max_clock_skew_ms,
+            drain_timeout,
+            log_format,
         } => {
-            init_logging();
+            init_logging(log_format);
             let mut config = Config::new(data_dir);
             config.origin = origin;
             config.max_clock_skew_ms = max_clock_skew_ms;
+            config.drain_timeout = std::time::Duration::try_from_secs_f64(drain_timeout)
+                .map_err(|e| anyhow::anyhow!("--drain-timeout {drain_timeout}: {e}"))?;
             config.admin_public_key = admin_public_key
                 .map(|hex_key| parse_public_key(&hex_key))
                 .transpose()?;
@@ -890,33 +902,54 @@ fn receipt_json(receipt: &Receipt) -> serde_json::Value {
     })
 }
 
-fn init_logging() {
+/// How `custody serve` writes its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 async fn serve(config: Config, listen: SocketAddr) -> anyhow::Result<()> {
-    let (ledger, startup) = server::open_ledger(&config)?;
-    if startup.created {
-        tracing::info!(
-            origin = ledger.origin(),
-            "created a new ledger (genesis written)"
-        );
-    }
-    if let Some(path) = &startup.generated_admin_key {
-        tracing::warn!(path = %path.display(), "generated the first admin key; keep this file secret");
-    }
-    let head = ledger.head();
-    tracing::info!(
-        verifier_key = %ledger.verifier_key(),
-        path = %config.data_dir.join("ledger.pub").display(),
-        tree_size = head.tree_size,
-        "ledger key (give this to auditors)"
-    );
     let listener = server::bind(listen).await?;
-    tracing::info!(address = %listener.local_addr()?, "serving custody.v1.Ledger and custody.v1.Audit");
-    server::run(listener, ledger, config.queue, shutdown_signal()).await?;
+    tracing::info!(
+        address = %listener.local_addr()?,
+        data_dir = %config.data_dir.display(),
+        "listening; health is NOT_SERVING until the ledger is open"
+    );
+    let pub_path = config.data_dir.join("ledger.pub");
+    let opened = move |ledger: &custody::ledger::Ledger, startup: &server::Startup| {
+        if startup.created {
+            tracing::info!(
+                origin = ledger.origin(),
+                "created a new ledger (genesis written)"
+            );
+        }
+        if let Some(path) = &startup.generated_admin_key {
+            tracing::warn!(path = %path.display(), "generated the first admin key; keep this file secret");
+        }
+        tracing::info!(
+            verifier_key = %ledger.verifier_key(),
+            path = %pub_path.display(),
+            tree_size = ledger.head().tree_size,
+            "ledger key (give this to auditors)"
+        );
+        tracing::info!("serving custody.v1.Ledger and custody.v1.Audit");
+    };
+    server::open_and_run(listener, config, opened, shutdown_signal()).await?;
     tracing::info!("stopped cleanly; everything acknowledged is on disk");
     Ok(())
 }

@@ -16,8 +16,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ed25519_dalek::SigningKey;
+use std::time::Duration;
+
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 
 use crate::checkpoint;
 use crate::envelope;
@@ -34,6 +38,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 pub const DEFAULT_ORIGIN: &str = "localhost/custody";
 /// Default bound on `|occurred_at_ms - ledger clock|`.
 pub const DEFAULT_MAX_CLOCK_SKEW_MS: i64 = 300_000;
+/// How long shutdown waits for open calls to finish before closing their connections.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest gRPC message the server decodes.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
@@ -50,6 +56,8 @@ pub struct Config {
     pub max_clock_skew_ms: i64,
     /// Group-commit sizes.
     pub queue: QueueLimits,
+    /// How long shutdown waits for open calls to finish.
+    pub drain_timeout: Duration,
 }
 
 impl Config {
@@ -61,6 +69,7 @@ impl Config {
             admin_public_key: None,
             max_clock_skew_ms: DEFAULT_MAX_CLOCK_SKEW_MS,
             queue: QueueLimits::default(),
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
     }
 }
@@ -232,25 +241,151 @@ pub fn open_ledger(config: &Config) -> Result<(Arc<Ledger>, Startup), ServerErro
 }
 
 /// Serves the `Ledger` and `Audit` services, gRPC health and reflection on `listener` until
-/// `shutdown` completes; then stops accepting, lets open calls finish, commits and flushes
-/// what was queued, and returns.
+/// `shutdown` completes; then stops accepting, ends open streams, lets open calls finish (for
+/// at most [`DEFAULT_DRAIN_TIMEOUT`]), commits and flushes what was queued, and returns.
 pub async fn run(
     listener: TcpListener,
     ledger: Arc<Ledger>,
     queue_limits: QueueLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    let health = Health::new();
+    serve_ledger(
+        listener,
+        ledger,
+        queue_limits,
+        DEFAULT_DRAIN_TIMEOUT,
+        health,
+        shutdown,
+    )
+    .await
+}
+
+/// Binds nothing itself: serves gRPC health on `listener` at once, reporting NOT_SERVING while
+/// `open` opens (or creates) the ledger on a blocking thread, then serves everything as
+/// [`run`] does, with `config`'s queue sizes and drain timeout. `opened` is told the ledger
+/// and what happened while opening (e.g. to log it). A `shutdown` while the ledger is
+/// still opening returns once the opening has finished, without serving it.
+pub async fn open_and_run(
+    listener: TcpListener,
+    config: Config,
+    opened: impl FnOnce(&Ledger, &Startup),
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let health = Health::new();
+    health.set_all(ServingStatus::NotServing).await;
+    // Two handles on one socket: the health-only server accepts on the first while the ledger
+    // opens; the full server accepts on the second. Connections waiting in the backlog at the
+    // hand-over are accepted by the full server.
+    let listener = listener.into_std().map_err(listen_error)?;
+    let full_listener = listener.try_clone().map_err(listen_error)?;
+    let opening_listener = TcpListener::from_std(listener).map_err(listen_error)?;
+    let (opened_tx, opened_rx) = tokio::sync::oneshot::channel::<()>();
+    let health_only = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health.service.clone())
+            .serve_with_incoming_shutdown(TcpIncoming::from(opening_listener), async {
+                let _ = opened_rx.await;
+            }),
+    );
+    let open_config = config.clone();
+    let opening = tokio::task::spawn_blocking(move || open_ledger(&open_config));
+    let mut shutdown = std::pin::pin!(shutdown);
+    let opening = tokio::select! {
+        opening = opening => Some(opening),
+        () = &mut shutdown => None,
+    };
+    let _ = opened_tx.send(());
+    if let Ok(Err(error)) = health_only.await {
+        tracing::warn!(%error, "health server during startup");
+    }
+    let Some(opening) = opening else {
+        tracing::info!("shutdown requested while the ledger was opening");
+        return Ok(());
+    };
+    let (ledger, startup) = opening.map_err(|join_error| {
+        ServerError::Config(format!("opening the ledger panicked: {join_error}"))
+    })??;
+    opened(&ledger, &startup);
+    let listener = TcpListener::from_std(full_listener).map_err(listen_error)?;
+    serve_ledger(
+        listener,
+        ledger,
+        config.queue,
+        config.drain_timeout,
+        health,
+        shutdown,
+    )
+    .await
+}
+
+fn listen_error(source: std::io::Error) -> ServerError {
+    ServerError::Io {
+        what: "listen on",
+        path: PathBuf::from("the listening socket"),
+        source,
+    }
+}
+
+/// The gRPC health service and the handle that sets what it reports.
+struct Health {
+    reporter: HealthReporter,
+    service: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+}
+
+impl Health {
+    fn new() -> Self {
+        let reporter = HealthReporter::new();
+        let service = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+        Self {
+            reporter,
+            service: tonic_health::pb::health_server::HealthServer::new(service),
+        }
+    }
+
+    /// Sets the status of the server as a whole (`""`) and of both services.
+    async fn set_all(&self, status: ServingStatus) {
+        for name in ["", LEDGER_SERVICE, AUDIT_SERVICE] {
+            self.reporter.set_service_status(name, status).await;
+        }
+    }
+}
+
+const LEDGER_SERVICE: &str = <LedgerServer<LedgerService> as tonic::server::NamedService>::NAME;
+const AUDIT_SERVICE: &str = <AuditServer<AuditService> as tonic::server::NamedService>::NAME;
+
+async fn serve_ledger(
+    listener: TcpListener,
+    ledger: Arc<Ledger>,
+    queue_limits: QueueLimits,
+    drain_timeout: Duration,
+    health: Health,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
     let (queue, commit_task) = CommitQueue::start(ledger.clone(), queue_limits);
     // Long-lived streams (Watch, AppendStream) end when this turns true, so the server can
     // drain instead of waiting for clients to hang up.
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
+    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
         closing_tx.send_replace(true);
+        let _ = draining_tx.send(());
     };
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<LedgerServer<LedgerService>>().await;
-    health.set_serving::<AuditServer<AuditService>>().await;
+    health.set_all(ServingStatus::Serving).await;
+    // After a storage failure the ledger refuses appends until restarted: say so.
+    let mut stopped = ledger.stopped();
+    let reporter = health.reporter.clone();
+    let watch_failure = tokio::spawn(async move {
+        if stopped.wait_for(|stopped| *stopped).await.is_ok() {
+            tracing::error!("appends stopped after a storage failure; health is NOT_SERVING");
+            for name in ["", LEDGER_SERVICE, AUDIT_SERVICE] {
+                reporter
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+        }
+    });
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -262,20 +397,42 @@ pub async fn run(
         .build_v1alpha()
         .map_err(|e| ServerError::Config(format!("reflection: {e}")))?;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let served = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(
-            LedgerServer::new(LedgerService::new(queue, closing.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
-            AuditServer::new(AuditService::new(ledger.clone(), closing))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+    let mut server = Box::pin(
+        tonic::transport::Server::builder()
+            .add_service(health.service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(
+                LedgerServer::new(LedgerService::new(queue, closing.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                AuditServer::new(AuditService::new(ledger.clone(), closing))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .serve_with_incoming_shutdown(incoming, shutdown),
+    );
+    // Once shutdown starts, open calls get `drain_timeout` to finish; then their connections
+    // are dropped (a receipt not yet sent is lost to its client, never its durability).
+    let deadline = async {
+        if draining_rx.await.is_ok() {
+            tokio::time::sleep(drain_timeout).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let served = tokio::select! {
+        served = &mut server => served,
+        () = deadline => {
+            tracing::warn!(
+                seconds = drain_timeout.as_secs_f64(),
+                "calls still open after the drain timeout; closing their connections"
+            );
+            Ok(())
+        }
+    };
+    drop(server);
+    watch_failure.abort();
     // The router (and with it every queue handle) is gone: the commit task drains and ends.
     if let Err(join_error) = commit_task.await {
         tracing::error!(%join_error, "commit task failed");

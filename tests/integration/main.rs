@@ -2,7 +2,8 @@
 //! a real socket with the generated tonic clients.
 //!
 //! - `audit`: export and offline verification; every kind of tampering caught.
-//! - `crash`: the real binary killed with SIGKILL while streaming, restarted, checked.
+//! - `binary`: the real `custody` binary: SIGKILLed while streaming, SIGTERM drain, health
+//!   while opening.
 //! - `cli`: `custody query` and `custody trace` as a reviewer runs them.
 //! - `support`: starting and stopping servers, keys, signed-event builders.
 //! - `write`: genesis, key grants, unary and streaming appends, every refusal.
@@ -14,8 +15,8 @@
 //! - `server`: gRPC health and reflection.
 
 mod audit;
+mod binary;
 mod cli;
-mod crash;
 mod durability;
 mod proofs;
 mod query;

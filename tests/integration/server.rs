@@ -65,3 +65,67 @@ async fn reflection_lists_the_services() {
         );
     }
 }
+
+#[tokio::test]
+async fn health_turns_not_serving_when_appends_stop_after_a_storage_failure() {
+    use custody::ledger::InFlight;
+    use custody::proto::Role;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = key(1);
+    let mut config = custody::server::Config::new(dir.path().join("data"));
+    config.admin_public_key = Some(admin.verifying_key().to_bytes());
+    let (ledger, _) = custody::server::open_ledger(&config).unwrap();
+    let listener = custody::server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(custody::server::run(
+        listener,
+        ledger.clone(),
+        config.queue,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    for service in ["", "custody.v1.Ledger", "custody.v1.Audit"] {
+        assert_eq!(
+            health_status(&url, service).await,
+            Some(ServingStatus::Serving as i32)
+        );
+    }
+
+    // Two batches written out of order: the store refuses the second, and appends stop.
+    let grant = |n: u8| {
+        sign(
+            &admin,
+            &key_grant(&format!("g{n}"), &key(n), Role::Issuer, "a"),
+        )
+    };
+    let mut in_flight = InFlight::default();
+    let first = ledger
+        .judge(ledger.prepare(vec![grant(2)], 1), &mut in_flight)
+        .unwrap();
+    let second = ledger
+        .judge(ledger.prepare(vec![grant(3)], 1), &mut in_flight)
+        .unwrap();
+    assert!(ledger.write(second, |_| ()).is_err());
+    drop(first);
+
+    let started = std::time::Instant::now();
+    for service in ["", "custody.v1.Ledger", "custody.v1.Audit"] {
+        loop {
+            let status = health_status(&url, service).await;
+            if status == Some(ServingStatus::NotServing as i32) {
+                break;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "{service:?} still reports {status:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}

@@ -322,6 +322,23 @@ pub mod scenario {
     }
 }
 
+/// What gRPC health at `url` says of `service` (`""` for the whole server), or `None` while
+/// nothing answers.
+pub async fn health_status(url: &str, service: &str) -> Option<i32> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let response = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .ok()?;
+    Some(response.into_inner().status)
+}
+
 /// Runs the real `custody` binary with `args`.
 pub async fn run_cli(args: Vec<String>) -> std::process::Output {
     tokio::task::spawn_blocking(move || {

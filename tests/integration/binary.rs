@@ -1,11 +1,14 @@
-//! Crash safety: the real `custody` binary is killed with SIGKILL at random moments while
-//! several clients stream events to it, and restarted each time. Every acknowledged receipt
-//! must survive with its seq and leaf hash, the store must hold exactly the entries its last
-//! checkpoint covers, the export must verify end to end, and every checkpoint seen must be
-//! consistent with the final tree.
+//! The real `custody` binary, started as an operator would.
 //!
-//! The kill moments come from a seed printed at the start; set `CUSTODY_CRASH_SEED` to replay
-//! a run.
+//! - Crash safety: it is killed with SIGKILL at random moments while several clients stream
+//!   events to it, and restarted each time. Every acknowledged receipt must survive with its
+//!   seq and leaf hash, the store must hold exactly the entries its last checkpoint covers,
+//!   the export must verify end to end, and every checkpoint seen must be consistent with the
+//!   final tree. The kill moments come from a seed printed at the start; set
+//!   `CUSTODY_CRASH_SEED` to replay a run.
+//! - SIGTERM while clients stream: open streams end, the server exits 0 in bounded time, and
+//!   every receipt sent is durable.
+//! - Health: NOT_SERVING while the ledger is still opening, SERVING once it is open.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -21,6 +24,7 @@ use custody::proto::{
 };
 use ed25519_dalek::SigningKey;
 use tokio_stream::StreamExt as _;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::*;
 
@@ -63,9 +67,28 @@ struct Server {
 
 impl Server {
     /// Starts `custody serve` on `data` and waits until it answers.
+    async fn start(data: &Path, log: &Path) -> Self {
+        let mut server = Self::spawn(data, log);
+        let started = Instant::now();
+        loop {
+            if let Ok(mut audit) = AuditClient::connect(server.url.clone()).await {
+                if audit.get_checkpoint(GetCheckpointRequest {}).await.is_ok() {
+                    return server;
+                }
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                let _ = server.child.kill();
+                let _ = server.child.wait();
+                panic!("the server did not come up within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Starts `custody serve` on `data` on a free port, without waiting for it.
     // The child is moved into the returned `Server`, which `kill` and `terminate` wait for.
     #[allow(clippy::zombie_processes)]
-    async fn start(data: &Path, log: &Path) -> Self {
+    fn spawn(data: &Path, log: &Path) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -76,7 +99,7 @@ impl Server {
             .append(true)
             .open(log)
             .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_custody"))
+        let child = Command::new(env!("CARGO_BIN_EXE_custody"))
             .arg("serve")
             .arg("--data-dir")
             .arg(data)
@@ -88,20 +111,25 @@ impl Server {
             .stderr(log)
             .spawn()
             .unwrap();
-        let url = format!("http://127.0.0.1:{port}");
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// Waits (up to 30 s) until health reports `status`.
+    async fn wait_for_health(&self, status: ServingStatus) {
         let started = Instant::now();
         loop {
-            if let Ok(mut audit) = AuditClient::connect(url.clone()).await {
-                if audit.get_checkpoint(GetCheckpointRequest {}).await.is_ok() {
-                    return Self { child, url };
-                }
+            let now = health_status(&self.url, "").await;
+            if now == Some(status as i32) {
+                return;
             }
-            if started.elapsed() > Duration::from_secs(60) {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the server did not come up within 60 s");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "health still {now:?}, waiting for {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -110,8 +138,8 @@ impl Server {
         self.child.wait().unwrap();
     }
 
-    /// Stops the server with SIGTERM; it must exit 0 within 30 s.
-    fn terminate(mut self) {
+    /// Stops the server with SIGTERM; it must exit 0 within 30 s. Returns how long it took.
+    fn terminate(mut self) -> Duration {
         Command::new("kill")
             .arg("-TERM")
             .arg(self.child.id().to_string())
@@ -121,7 +149,7 @@ impl Server {
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 assert!(status.success(), "custody serve exited with {status}");
-                return;
+                return started.elapsed();
             }
             assert!(
                 started.elapsed() < Duration::from_secs(30),
@@ -210,17 +238,7 @@ async fn acknowledged_entries_survive_repeated_sigkill() {
 
     let mut server = Server::start(&data, &log).await;
     let verifier = read_verifier(&data);
-    let admin = key(1);
-    let mut ledger = LedgerClient::connect(server.url.clone()).await.unwrap();
-    for client in 0..CLIENTS {
-        let grant = key_grant(
-            &format!("grant-{client}"),
-            &issuer(client),
-            Role::Issuer,
-            "auth.example",
-        );
-        ledger.append(sign(&admin, &grant)).await.unwrap();
-    }
+    grant_issuers(&server).await;
     let seen = Arc::new(Mutex::new(Seen::default()));
     let mut size_before = 0;
     for cycle in 0..CYCLES {
@@ -302,23 +320,32 @@ async fn acknowledged_entries_survive_repeated_sigkill() {
     store.check_tail(&head).unwrap();
     drop(store);
 
-    // The export verifies end to end, and holds every acknowledged entry where its receipt
-    // said, with the same leaf hash.
-    let export = dir.path().join("ledger.export");
-    let output = run_cli(vec![
-        "export".into(),
-        "--data-dir".into(),
-        data.display().to_string(),
-        "--out".into(),
-        export.display().to_string(),
-    ])
-    .await;
+    let report = check_export(dir.path(), &data, &verifier, &seen.lock().unwrap());
+    assert_eq!(report.tree_size, last.tree_size());
+}
+
+/// Exports the stopped ledger in `data` and checks that the export verifies end to end and
+/// holds every acknowledged entry where its receipt said, with the same leaf hash.
+fn check_export(
+    scratch: &Path,
+    data: &Path,
+    verifier: &LedgerVerifier,
+    seen: &Seen,
+) -> custody::verify::LedgerReport {
+    let export = scratch.join("ledger.export");
+    let output = Command::new(env!("CARGO_BIN_EXE_custody"))
+        .arg("export")
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--out")
+        .arg(&export)
+        .output()
+        .unwrap();
     assert!(output.status.success(), "{output:?}");
     let file = std::io::BufReader::new(std::fs::File::open(&export).unwrap());
-    let report = custody::verify::verify_export(file, &verifier, None, |_, _| ())
+    let report = custody::verify::verify_export(file, verifier, None, |_, _| ())
         .unwrap()
         .unwrap();
-    assert_eq!(report.tree_size, last.tree_size());
 
     let file = std::io::BufReader::new(std::fs::File::open(&export).unwrap());
     let (mut reader, _) = custody::export::ExportReader::open(file).unwrap();
@@ -326,7 +353,6 @@ async fn acknowledged_entries_survive_repeated_sigkill() {
     while let Some(bytes) = reader.next_entry().unwrap() {
         leaves.push(merkle::leaf_hash(&bytes).0.to_vec());
     }
-    let seen = seen.lock().unwrap();
     assert!(
         seen.receipts.len() > 100,
         "too few receipts to mean anything"
@@ -340,8 +366,82 @@ async fn acknowledged_entries_survive_repeated_sigkill() {
         );
     }
     eprintln!(
-        "{} receipts across {CYCLES} kills, all present; {} entries verified",
+        "{} receipts, all present; {} entries verified",
         seen.receipts.len(),
         report.tree_size
     );
+    report
+}
+
+/// Grants the clients' issuer keys.
+async fn grant_issuers(server: &Server) {
+    let admin = key(1);
+    let mut ledger = LedgerClient::connect(server.url.clone()).await.unwrap();
+    for client in 0..CLIENTS {
+        let grant = key_grant(
+            &format!("grant-{client}"),
+            &issuer(client),
+            Role::Issuer,
+            "auth.example",
+        );
+        ledger.append(sign(&admin, &grant)).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_ends_open_streams_and_exits_zero_with_every_receipt_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("server.log");
+    let server = Server::start(&data, &log).await;
+    let verifier = read_verifier(&data);
+    grant_issuers(&server).await;
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            tokio::spawn(stream_until_cut(
+                server.url.clone(),
+                client,
+                0,
+                seen.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let took = server.terminate();
+    eprintln!("exited 0 {} ms after SIGTERM", took.as_millis());
+    // Every stream has ended: the clients return.
+    for client in clients {
+        tokio::time::timeout(Duration::from_secs(10), client)
+            .await
+            .expect("a stream stayed open after the server exited")
+            .unwrap();
+    }
+    check_export(dir.path(), &data, &verifier, &seen.lock().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_not_serving_until_the_ledger_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("server.log");
+    // The first server holds the database; the second waits (up to 5 s) for it to let go,
+    // listening all the while.
+    let first = Server::start(&data, &log).await;
+    let second = Server::spawn(&data, &log);
+    second.wait_for_health(ServingStatus::NotServing).await;
+    assert!(
+        AuditClient::connect(second.url.clone())
+            .await
+            .unwrap()
+            .get_checkpoint(GetCheckpointRequest {})
+            .await
+            .is_err(),
+        "the ledger answered before it was open"
+    );
+    first.terminate();
+    second.wait_for_health(ServingStatus::Serving).await;
+    let note = second.checkpoint().await;
+    checkpoint::open(&note, &read_verifier(&data)).unwrap();
+    second.terminate();
 }
