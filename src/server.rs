@@ -362,10 +362,11 @@ async fn serve_ledger(
     health: Health,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let (queue, commit_task) = CommitQueue::start(ledger.clone(), queue_limits);
     // Long-lived streams (Watch, AppendStream) end when this turns true, so the server can
-    // drain instead of waiting for clients to hang up.
+    // drain instead of waiting for clients to hang up; the commit queue then takes nothing
+    // new and ends once what it holds is committed.
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
+    let (queue, commit_task) = CommitQueue::start(ledger.clone(), queue_limits, closing.clone());
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
@@ -433,7 +434,8 @@ async fn serve_ledger(
     };
     drop(server);
     watch_failure.abort();
-    // The router (and with it every queue handle) is gone: the commit task drains and ends.
+    // The queue stopped taking submissions when shutdown began: the commit task drains and
+    // ends.
     if let Err(join_error) = commit_task.await {
         tracing::error!(%join_error, "commit task failed");
     }

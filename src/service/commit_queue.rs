@@ -59,8 +59,15 @@ pub struct CommitQueue {
 }
 
 impl CommitQueue {
-    /// Starts the group-commit task for `ledger`.
-    pub fn start(ledger: Arc<Ledger>, limits: QueueLimits) -> (Self, tokio::task::JoinHandle<()>) {
+    /// Starts the group-commit task for `ledger`. Once `closing` turns true (or its sender is
+    /// dropped) the queue takes no more submissions (they fail with `UNAVAILABLE`); those
+    /// already queued are committed and answered, and then the task ends, even while some
+    /// handles are still held.
+    pub fn start(
+        ledger: Arc<Ledger>,
+        limits: QueueLimits,
+        closing: tokio::sync::watch::Receiver<bool>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(limits.capacity.max(1));
         // One batch waits at each hand-over: enough to keep every stage busy, little enough to
         // bound memory.
@@ -70,6 +77,7 @@ impl CommitQueue {
         tokio::spawn(verify_stage(
             ledger.clone(),
             rx,
+            closing,
             prepared_tx,
             limits.max_batch.max(1),
         ));
@@ -94,17 +102,34 @@ impl CommitQueue {
 type Replies = Vec<oneshot::Sender<Reply>>;
 
 /// Takes what has arrived, prepares it off the runtime and hands it to the judge stage.
-/// Ends when every submitter is gone.
+/// Ends when every submitter is gone, or once `closing` turns true and the queue is empty.
 async fn verify_stage(
     ledger: Arc<Ledger>,
     mut rx: mpsc::Receiver<Submission>,
+    closing: tokio::sync::watch::Receiver<bool>,
     prepared_tx: mpsc::Sender<(PreparedBatch, Replies)>,
     max_batch: usize,
 ) {
     let threads = crate::trust::all_cores();
     let mut submissions = Vec::with_capacity(max_batch);
+    let mut closing = closing;
+    let mut open = true;
     loop {
-        if rx.recv_many(&mut submissions, max_batch).await == 0 {
+        let received = if open {
+            tokio::select! {
+                // Cancel-safe: nothing is taken from the queue unless this branch completes.
+                received = rx.recv_many(&mut submissions, max_batch) => received,
+                _ = closing.wait_for(|closing| *closing) => {
+                    // Refuse new submissions; what is queued is still received.
+                    rx.close();
+                    open = false;
+                    continue;
+                }
+            }
+        } else {
+            rx.recv_many(&mut submissions, max_batch).await
+        };
+        if received == 0 {
             break;
         }
         let (events, replies): (Vec<_>, Replies) =
