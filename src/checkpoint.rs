@@ -223,6 +223,9 @@ pub fn open(note: &str, key: &LedgerVerifier) -> Result<VerifiedCheckpoint, Chec
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::test_vectors::{hex_field, load};

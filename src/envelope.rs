@@ -209,6 +209,9 @@ pub fn verify_batch(items: &[BatchItem<'_>]) -> Vec<bool> {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::test_vectors::{hex_field, load};

@@ -42,6 +42,12 @@ fn read_varint<R: BufRead>(reader: &mut R) -> Result<Option<u64>, ExportError> {
             0 => return Err(ExportError::Malformed("truncated length".into())),
             _ => {}
         }
+        // The tenth byte holds only bit 63: anything more would be silently dropped.
+        if i == 9 && byte[0] > 1 {
+            return Err(ExportError::Malformed(
+                "length varint overflows 64 bits".into(),
+            ));
+        }
         value |= u64::from(byte[0] & 0x7f) << (7 * i);
         if byte[0] & 0x80 == 0 {
             return Ok(Some(value));
@@ -139,6 +145,9 @@ pub fn write_record<W: Write>(writer: &mut W, bytes: &[u8]) -> Result<(), Export
     writer.write_all(bytes)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod proptests;
 
 #[cfg(test)]
 mod tests {

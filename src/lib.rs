@@ -48,6 +48,9 @@ pub mod proto {
 }
 
 #[cfg(test)]
+pub(crate) mod mutate;
+
+#[cfg(test)]
 pub(crate) mod test_vectors {
     //! Loads the shared test vectors from `../shared/vectors/`.
     use std::path::PathBuf;

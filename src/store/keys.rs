@@ -160,6 +160,9 @@ pub fn decode_u64(value: &[u8]) -> Option<u64> {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

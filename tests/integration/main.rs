@@ -7,6 +7,8 @@
 //! - `cli`: `custody query` and `custody trace` as a reviewer runs them.
 //! - `support`: starting and stopping servers, keys, signed-event builders.
 //! - `write`: genesis, key grants, unary and streaming appends, every refusal.
+//! - `hostile`: mutated exports, entries, trace bundles and events: typed errors, never a
+//!   clean verification of altered bytes, and the verifier agrees with what the ledger accepts.
 //! - `durability`: restart keeps size, root and the hash chain; data-directory files.
 //! - `query`: `Audit.Query` against a brute-force oracle over a mixed ledger.
 //! - `proofs`: receipts proved against checkpoints with the pure core only; out-of-range reads.
@@ -18,6 +20,7 @@ mod audit;
 mod binary;
 mod cli;
 mod durability;
+mod hostile;
 mod proofs;
 mod query;
 mod server;
