@@ -32,7 +32,7 @@ const KIND_TOKEN: u8 = b't';
 const KIND_EVENT: u8 = b'i';
 /// Most bytes (estimated: map slots, ids and the records' heap buffers) the decoded-record
 /// cache holds: two generations of at most half of this each.
-pub const CACHE_BYTES: usize = 64 << 20;
+pub const CACHE_BYTES: usize = 32 << 20;
 /// Bytes of a record header: total length (u32), kind (u8), id length (u16).
 const HEADER: usize = 7;
 
