@@ -28,7 +28,7 @@
 //! appends until a restart. The read methods may be called from anywhere at any time.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
@@ -1047,21 +1047,21 @@ impl TrustView for Batch<'_> {
             .insert(key_id.to_owned(), record.clone());
         Ok(record)
     }
-    fn consent(&self, consent_id: &str) -> Result<Option<ConsentRecord>, ViewError> {
+    fn consent(&self, consent_id: &str) -> Result<Option<Arc<ConsentRecord>>, ViewError> {
         for state in self.overlays() {
             if let Some(record) = state.consent(consent_id)? {
                 return Ok(Some(record));
             }
         }
-        view_result(self.store.consent(consent_id))
+        Ok(view_result(self.store.consent(consent_id))?.map(Arc::new))
     }
-    fn token(&self, token_id: &str) -> Result<Option<TokenRecord>, ViewError> {
+    fn token(&self, token_id: &str) -> Result<Option<Arc<TokenRecord>>, ViewError> {
         for state in self.overlays() {
             if let Some(record) = state.token(token_id)? {
                 return Ok(Some(record));
             }
         }
-        view_result(self.store.token(token_id))
+        Ok(view_result(self.store.token(token_id))?.map(Arc::new))
     }
 }
 

@@ -376,18 +376,23 @@ fn preverify_chunk(chunk: Vec<Vec<u8>>, hints: &HashMap<String, [u8; 32]>) -> Pr
     }
 }
 
-/// Verifies a whole ledger entry by entry, in memory bounded by two chunks of entries plus
+/// What the signature-checking thread hands back: the checked chunk, and the key hints
+/// extended with the chunk's grants.
+type Checked = (Preverified, HashMap<String, [u8; 32]>);
+
+/// Verifies a whole ledger entry by entry, in memory bounded by three chunks of entries plus
 /// the trust state (keys, consents, tokens). Feed it every entry in order, then call
 /// [`finish`](Self::finish). Signatures are checked a chunk at a time with Ed25519 batch
-/// verification on every core, overlapping with the judging of the chunk before (which runs
-/// in ledger order).
+/// verification on every core, in a background thread that overlaps with the judging of the
+/// chunk before (which runs in ledger order) and with the reading of the chunk after.
 pub struct ExportVerifier<S: ReplayState = MemoryState> {
     pending: Vec<Vec<u8>>,
-    /// The chunk whose signatures are checked, waiting to be judged.
-    ready: Option<Preverified>,
+    /// The thread checking the signatures of the chunk before `pending`, and that chunk's
+    /// length.
+    checking: Option<(std::thread::JoinHandle<Checked>, usize)>,
     /// The ledger key and every key a grant or the genesis seen so far names, by key id: where
     /// signatures are checked before the grants are judged. Only hints (see
-    /// [`trust::preverify`]).
+    /// [`trust::preverify`]). Empty while the checking thread holds them.
     key_hints: HashMap<String, [u8; 32]>,
     checkpoint: checkpoint::VerifiedCheckpoint,
     previous: Option<checkpoint::VerifiedCheckpoint>,
@@ -395,6 +400,9 @@ pub struct ExportVerifier<S: ReplayState = MemoryState> {
     state: S,
     frontier: merkle::Frontier,
     prev_leaf: [u8; 32],
+    /// Entries by kind so far (a few kinds: a short list beats a map keyed by label); moved
+    /// into the report's `entries_by_kind` when finishing.
+    kind_counts: Vec<(crate::proto::EventKind, u64)>,
     report: LedgerReport,
 }
 
@@ -445,7 +453,7 @@ impl<S: ReplayState> ExportVerifier<S> {
         let ledger_key = *key.public_key();
         Ok(Self {
             pending: Vec::with_capacity(CHUNK_ENTRIES),
-            ready: None,
+            checking: None,
             key_hints: HashMap::from([(crate::envelope::key_id(&ledger_key), ledger_key)]),
             checkpoint,
             previous,
@@ -453,6 +461,7 @@ impl<S: ReplayState> ExportVerifier<S> {
             state,
             frontier: merkle::Frontier::new(),
             prev_leaf: [0; 32],
+            kind_counts: Vec::new(),
             report,
         })
     }
@@ -465,7 +474,7 @@ impl<S: ReplayState> ExportVerifier<S> {
     /// Takes the next entry's stored bytes. Failures are reported in ledger order: an error
     /// may name an earlier entry of the current or the previous chunk.
     pub fn push(&mut self, bytes: Vec<u8>) -> Result<(), IntegrityFailure> {
-        let waiting = self.ready.as_ref().map_or(0, |r| r.chunk.len());
+        let waiting = self.checking.as_ref().map_or(0, |(_, len)| *len);
         let seen = self.frontier.size() + (waiting + self.pending.len()) as u64;
         if seen >= self.checkpoint.tree_size() {
             self.drain()?;
@@ -481,38 +490,51 @@ impl<S: ReplayState> ExportVerifier<S> {
         Ok(())
     }
 
-    /// Starts checking the pending chunk's signatures and, meanwhile, judges the chunk before
-    /// it; returns when both are done.
-    fn flush_chunk(&mut self) -> Result<(), IntegrityFailure> {
-        let chunk = std::mem::take(&mut self.pending);
-        let previous = self.ready.take();
-        let mut hints = std::mem::take(&mut self.key_hints);
-        let (checked, judged) = std::thread::scope(|scope| {
-            let worker = scope.spawn(move || {
-                let checked = preverify_chunk(chunk, &hints);
-                hints.extend(checked.grants.iter().cloned());
-                (checked, hints)
-            });
-            let judged = match previous {
-                Some(previous) => self.judge_chunk(previous),
-                None => Ok(()),
-            };
-            (worker.join(), judged)
-        });
-        // The judged chunk comes first in ledger order: report its failure before the worker's.
-        judged?;
-        let (checked, hints) = checked.map_err(|_| {
+    /// Waits for the checking thread, if one runs, and takes back the key hints; returns the
+    /// chunk it checked.
+    fn collect_checked(&mut self) -> Result<Option<Preverified>, IntegrityFailure> {
+        let Some((worker, _)) = self.checking.take() else {
+            return Ok(None);
+        };
+        let (checked, hints) = worker.join().map_err(|_| {
             IntegrityFailure::State("signature checking stopped unexpectedly".into())
         })?;
         self.key_hints = hints;
-        self.ready = Some(checked);
-        Ok(())
+        Ok(Some(checked))
+    }
+
+    /// Takes the chunk the checking thread has checked, starts checking the pending chunk in a
+    /// new thread and judges the taken one meanwhile. The new thread keeps running after this
+    /// returns, while the caller reads the next chunk.
+    fn flush_chunk(&mut self) -> Result<(), IntegrityFailure> {
+        let previous = self.collect_checked()?;
+        let chunk = std::mem::take(&mut self.pending);
+        if !chunk.is_empty() {
+            let len = chunk.len();
+            let mut hints = std::mem::take(&mut self.key_hints);
+            let worker = std::thread::Builder::new()
+                .name("custody-preverify".into())
+                .spawn(move || {
+                    let checked = preverify_chunk(chunk, &hints);
+                    hints.extend(checked.grants.iter().cloned());
+                    (checked, hints)
+                })
+                .map_err(|e| {
+                    IntegrityFailure::State(format!("couldn't start signature checking: {e}"))
+                })?;
+            self.checking = Some((worker, len));
+            self.pending = Vec::with_capacity(CHUNK_ENTRIES);
+        }
+        match previous {
+            Some(previous) => self.judge_chunk(previous),
+            None => Ok(()),
+        }
     }
 
     /// Judges everything fed so far.
     fn drain(&mut self) -> Result<(), IntegrityFailure> {
         self.flush_chunk()?;
-        match self.ready.take() {
+        match self.collect_checked()? {
             Some(last) => self.judge_chunk(last),
             None => Ok(()),
         }
@@ -611,11 +633,10 @@ impl<S: ReplayState> ExportVerifier<S> {
     fn tally(&mut self, seq: u64, event: &Event, verdict: &Verdict) {
         use crate::proto::{event::Body, EventKind, TraceStatus};
         let kind = trust::event_kind(event.body.as_ref());
-        *self
-            .report
-            .entries_by_kind
-            .entry(kind_label(kind))
-            .or_default() += 1;
+        match self.kind_counts.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, count)) => *count += 1,
+            None => self.kind_counts.push((kind, 1)),
+        }
         let traced = verdict.status == TraceStatus::Traced as i32;
         if kind == EventKind::Action {
             self.report.actions += 1;
@@ -631,7 +652,7 @@ impl<S: ReplayState> ExportVerifier<S> {
                     .token(token_id)
                     .ok()
                     .flatten()
-                    .map(|t| (t.user, t.agent))
+                    .map(|t| (t.user.clone(), t.agent.clone()))
                     .unwrap_or_default()
             };
             let (user, agent) = match &event.body {
@@ -666,6 +687,13 @@ impl<S: ReplayState> ExportVerifier<S> {
                 computed: hex::encode(root.0),
                 expected: hex::encode(self.checkpoint.root().0),
             });
+        }
+        for (kind, count) in std::mem::take(&mut self.kind_counts) {
+            *self
+                .report
+                .entries_by_kind
+                .entry(kind_label(kind))
+                .or_default() += count;
         }
         Ok(self.report)
     }

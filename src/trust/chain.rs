@@ -1,6 +1,8 @@
 //! The chain-of-trust rules for consents, issuances, validations, actions, denials and
 //! revocations (DESIGN.md, "Chain of trust", rules version 1).
 
+use std::sync::Arc;
+
 use crate::proto::{
     revocation::Target, Action, Consent, Denial, Issuance, Revocation, Role, TraceStatus,
     Validation, Verdict,
@@ -55,7 +57,10 @@ fn push_term(terms: &mut Vec<IndexTerm>, field: IndexField, value: &str) {
 }
 
 /// The token's ancestors, parent first (stops at a missing link or after MAX_CHAIN_WALK).
-fn ancestors(token: &TokenRecord, view: &impl TrustView) -> Result<Vec<TokenRecord>, ViewError> {
+fn ancestors(
+    token: &TokenRecord,
+    view: &impl TrustView,
+) -> Result<Vec<Arc<TokenRecord>>, ViewError> {
     let mut links = Vec::new();
     let mut parent_id = token.parent_token_id.clone();
     while !parent_id.is_empty() && links.len() < MAX_CHAIN_WALK {
@@ -75,9 +80,9 @@ fn check_links(
     at: i64,
     view: &impl TrustView,
     reasons: &mut Reasons,
-) -> Result<Option<ConsentRecord>, ViewError> {
+) -> Result<Option<Arc<ConsentRecord>>, ViewError> {
     let links = ancestors(token, view)?;
-    for link in std::iter::once(token).chain(links.iter()) {
+    for link in std::iter::once(token).chain(links.iter().map(Arc::as_ref)) {
         reasons.check(at < link.not_before_ms, reasons::TOKEN_NOT_YET_VALID);
         reasons.check(at >= link.expires_at_ms, reasons::TOKEN_EXPIRED);
         reasons.check(link.revoked_at(at), reasons::TOKEN_REVOKED);
@@ -97,7 +102,7 @@ fn check_links(
 /// ledger never saw it issued; otherwise the event's own `checks`, then every link and the
 /// consent at `at`. The verdict carries the token's chain.
 fn judge_token_use(
-    token: Option<TokenRecord>,
+    token: Option<Arc<TokenRecord>>,
     at: i64,
     view: &impl TrustView,
     index: Vec<IndexTerm>,
@@ -112,7 +117,7 @@ fn judge_token_use(
         Some(token) => {
             checks(&token, &mut reasons);
             let consent = check_links(&token, at, view, &mut reasons)?;
-            with_chain(judged(reasons), &token, consent.as_ref())
+            with_chain(judged(reasons), &token, consent.as_deref())
         }
     };
     Ok(Ok(Evaluation {
@@ -301,7 +306,7 @@ pub(super) fn issuance(issuance: &Issuance, at: i64, seq: u64, view: &impl Trust
 
 pub(super) fn validation(validation: &Validation, at: i64, view: &impl TrustView) -> Outcome {
     let token = view.token(&validation.token_id)?;
-    let mut index = token_terms(&validation.token_id, token.as_ref());
+    let mut index = token_terms(&validation.token_id, token.as_deref());
     push_term(
         &mut index,
         IndexField::ResourceServer,
@@ -310,7 +315,7 @@ pub(super) fn validation(validation: &Validation, at: i64, view: &impl TrustView
     if !validation.valid {
         // The resource server refused the token: nothing to trace, nothing broken.
         let verdict = match &token {
-            Some(t) => with_chain(not_applicable(), t, view.consent(&t.consent_id)?.as_ref()),
+            Some(t) => with_chain(not_applicable(), t, view.consent(&t.consent_id)?.as_deref()),
             None => not_applicable(),
         };
         return Ok(Ok(Evaluation {
@@ -334,7 +339,7 @@ pub(super) fn validation(validation: &Validation, at: i64, view: &impl TrustView
 
 pub(super) fn action(action: &Action, at: i64, view: &impl TrustView) -> Outcome {
     let token = view.token(&action.token_id)?;
-    let mut index = token_terms(&action.token_id, token.as_ref());
+    let mut index = token_terms(&action.token_id, token.as_deref());
     push_term(
         &mut index,
         IndexField::ResourceServer,
@@ -361,7 +366,7 @@ pub(super) fn action(action: &Action, at: i64, view: &impl TrustView) -> Outcome
 pub(super) fn denial(denial: &Denial, view: &impl TrustView) -> Outcome {
     let mut index = Vec::new();
     if !denial.token_id.is_empty() {
-        index = token_terms(&denial.token_id, view.token(&denial.token_id)?.as_ref());
+        index = token_terms(&denial.token_id, view.token(&denial.token_id)?.as_deref());
     }
     push_term(
         &mut index,
@@ -381,11 +386,12 @@ pub(super) fn revocation(
 ) -> Outcome {
     match &revocation.target {
         Some(Target::TokenId(token_id)) => {
-            let Some(mut token) = view.token(token_id)? else {
+            let Some(token) = view.token(token_id)? else {
                 return conflict(format!(
                     "token {token_id:?} to revoke was never issued on this ledger"
                 ));
             };
+            let mut token = Arc::unwrap_or_clone(token);
             token.revoke(at, seq);
             let index = token_terms(token_id, Some(&token));
             Ok(Ok(plain(
@@ -397,11 +403,12 @@ pub(super) fn revocation(
             )))
         }
         Some(Target::ConsentId(consent_id)) => {
-            let Some(mut consent) = view.consent(consent_id)? else {
+            let Some(consent) = view.consent(consent_id)? else {
                 return conflict(format!(
                     "consent {consent_id:?} to revoke is not on this ledger"
                 ));
             };
+            let mut consent = Arc::unwrap_or_clone(consent);
             if signer.role() == Role::User && signer.principal != consent.user {
                 return Ok(Err(Refusal::PrincipalMismatch {
                     principal: signer.principal.clone(),

@@ -2,6 +2,7 @@
 //! rules' tests use.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::{
     ConsentRecord, KeyRecord, ReplayState, StateChange, StateDelta, TokenRecord, TrustView,
@@ -12,8 +13,8 @@ use super::{
 #[derive(Debug, Default, Clone)]
 pub struct MemoryState {
     keys: HashMap<String, KeyRecord>,
-    consents: HashMap<String, ConsentRecord>,
-    tokens: HashMap<String, TokenRecord>,
+    consents: HashMap<String, Arc<ConsentRecord>>,
+    tokens: HashMap<String, Arc<TokenRecord>>,
     /// First 16 bytes of SHA-256 of every event id recorded through [`ReplayState`].
     event_ids: std::collections::HashSet<[u8; 16]>,
 }
@@ -32,10 +33,10 @@ impl MemoryState {
                     self.keys.insert(key_id, record);
                 }
                 StateChange::PutConsent { consent_id, record } => {
-                    self.consents.insert(consent_id, record);
+                    self.consents.insert(consent_id, Arc::new(record));
                 }
                 StateChange::PutToken { token_id, record } => {
-                    self.tokens.insert(token_id, record);
+                    self.tokens.insert(token_id, Arc::new(record));
                 }
             }
         }
@@ -54,8 +55,14 @@ impl MemoryState {
     pub fn into_parts(self) -> StateParts {
         (
             self.keys.into_iter().collect(),
-            self.consents.into_iter().collect(),
-            self.tokens.into_iter().collect(),
+            self.consents
+                .into_iter()
+                .map(|(id, record)| (id, Arc::unwrap_or_clone(record)))
+                .collect(),
+            self.tokens
+                .into_iter()
+                .map(|(id, record)| (id, Arc::unwrap_or_clone(record)))
+                .collect(),
         )
     }
 }
@@ -64,10 +71,10 @@ impl TrustView for MemoryState {
     fn key(&self, key_id: &str) -> Result<Option<KeyRecord>, ViewError> {
         Ok(self.keys.get(key_id).cloned())
     }
-    fn consent(&self, consent_id: &str) -> Result<Option<ConsentRecord>, ViewError> {
+    fn consent(&self, consent_id: &str) -> Result<Option<Arc<ConsentRecord>>, ViewError> {
         Ok(self.consents.get(consent_id).cloned())
     }
-    fn token(&self, token_id: &str) -> Result<Option<TokenRecord>, ViewError> {
+    fn token(&self, token_id: &str) -> Result<Option<Arc<TokenRecord>>, ViewError> {
         Ok(self.tokens.get(token_id).cloned())
     }
 }

@@ -33,6 +33,8 @@ pub use memory::MemoryState;
 pub use preverify::{all_cores, named_key, preverify};
 pub use records::{ConsentRecord, TokenRecord};
 
+use std::sync::Arc;
+
 use crate::envelope;
 use crate::proto::{event::Body, Event, EventKind, SignedEvent, TraceStatus, Verdict};
 
@@ -112,14 +114,16 @@ impl Refusal {
 #[error("couldn't read trust state: {0}")]
 pub struct ViewError(pub String);
 
-/// Read-only state before an event.
+/// Read-only state before an event. Consents and tokens come shared ([`Arc`]), so a view that
+/// keeps records in memory hands them out without copying them; the rules copy a record only
+/// to change it.
 pub trait TrustView {
     /// The registered key with this id, if any.
     fn key(&self, key_id: &str) -> Result<Option<KeyRecord>, ViewError>;
     /// The consent with this id, if any.
-    fn consent(&self, consent_id: &str) -> Result<Option<ConsentRecord>, ViewError>;
+    fn consent(&self, consent_id: &str) -> Result<Option<Arc<ConsentRecord>>, ViewError>;
     /// The token with this id, if its issuance is on the ledger.
-    fn token(&self, token_id: &str) -> Result<Option<TokenRecord>, ViewError>;
+    fn token(&self, token_id: &str) -> Result<Option<Arc<TokenRecord>>, ViewError>;
 }
 
 /// State a replay (the offline verifier) reads and updates in ledger order.
