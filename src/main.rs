@@ -61,6 +61,18 @@ enum Command {
         /// their connections; everything acknowledged is durable either way.
         #[arg(long, value_name = "SECONDS", default_value_t = server::DEFAULT_DRAIN_TIMEOUT.as_secs_f64())]
         drain_timeout: f64,
+        /// Largest gRPC message decoded, in bytes (a request, or one event of a stream);
+        /// larger ones are refused with OUT_OF_RANGE.
+        #[arg(long, value_name = "BYTES", default_value_t = server::MAX_MESSAGE_BYTES)]
+        max_message_bytes: usize,
+        /// Streaming calls (AppendStream, Watch, GetEntries) open at once; one more is
+        /// refused with RESOURCE_EXHAUSTED.
+        #[arg(long, value_name = "N", default_value_t = custody::service::MAX_STREAMS)]
+        max_streams: usize,
+        /// Receipts one AppendStream may have outstanding before the server stops reading
+        /// it (the client's sends then wait).
+        #[arg(long, value_name = "N", default_value_t = custody::service::MAX_IN_FLIGHT_PER_STREAM)]
+        max_in_flight_per_stream: usize,
         /// Log format on stderr: `text` for people, `json` (one object per line) for log
         /// pipelines. RUST_LOG sets the filter (default `info`).
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -399,6 +411,9 @@ async fn run(cli: Cli) -> anyhow::Result<Result<(), Failure>> {
             admin_public_key,
             max_clock_skew_ms,
             drain_timeout,
+            max_message_bytes,
+            max_streams,
+            max_in_flight_per_stream,
             log_format,
         } => {
             init_logging(log_format);
@@ -407,6 +422,16 @@ async fn run(cli: Cli) -> anyhow::Result<Result<(), Failure>> {
             config.max_clock_skew_ms = max_clock_skew_ms;
             config.drain_timeout = std::time::Duration::try_from_secs_f64(drain_timeout)
                 .map_err(|e| anyhow::anyhow!("--drain-timeout {drain_timeout}: {e}"))?;
+            if max_message_bytes == 0 || max_streams == 0 || max_in_flight_per_stream == 0 {
+                anyhow::bail!(
+                    "--max-message-bytes, --max-streams and --max-in-flight-per-stream must be at least 1"
+                );
+            }
+            config.max_message_bytes = max_message_bytes;
+            config.streams = custody::service::StreamLimits {
+                max_streams,
+                max_in_flight_per_stream,
+            };
             config.admin_public_key = admin_public_key
                 .map(|hex_key| parse_public_key(&hex_key))
                 .transpose()?;

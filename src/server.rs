@@ -27,7 +27,9 @@ use crate::checkpoint;
 use crate::envelope;
 use crate::ledger::{GenesisParams, Ledger, LedgerError};
 use crate::proto::{audit_server::AuditServer, ledger_server::LedgerServer};
-use crate::service::{AuditService, CommitQueue, LedgerService, QueueLimits};
+use crate::service::{
+    AuditService, CommitQueue, LedgerService, OpenStreams, QueueLimits, StreamLimits,
+};
 use crate::store::Store;
 
 /// Default data directory.
@@ -40,7 +42,8 @@ pub const DEFAULT_ORIGIN: &str = "localhost/custody";
 pub const DEFAULT_MAX_CLOCK_SKEW_MS: i64 = 300_000;
 /// How long shutdown waits for open calls to finish before closing their connections.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest gRPC message the server decodes.
+/// Default: largest gRPC message the server decodes; a larger one is refused with
+/// `OUT_OF_RANGE` before anything is read from it.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
 /// How to start the ledger.
@@ -58,6 +61,10 @@ pub struct Config {
     pub queue: QueueLimits,
     /// How long shutdown waits for open calls to finish.
     pub drain_timeout: Duration,
+    /// Largest gRPC message decoded (requests and each streamed event).
+    pub max_message_bytes: usize,
+    /// Open streams and in-flight events per stream.
+    pub streams: StreamLimits,
 }
 
 impl Config {
@@ -70,6 +77,8 @@ impl Config {
             max_clock_skew_ms: DEFAULT_MAX_CLOCK_SKEW_MS,
             queue: QueueLimits::default(),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            max_message_bytes: MAX_MESSAGE_BYTES,
+            streams: StreamLimits::default(),
         }
     }
 }
@@ -241,29 +250,22 @@ pub fn open_ledger(config: &Config) -> Result<(Arc<Ledger>, Startup), ServerErro
 }
 
 /// Serves the `Ledger` and `Audit` services, gRPC health and reflection on `listener` until
-/// `shutdown` completes; then stops accepting, ends open streams, lets open calls finish (for
-/// at most [`DEFAULT_DRAIN_TIMEOUT`]), commits and flushes what was queued, and returns.
+/// `shutdown` completes, with `config`'s queue sizes, limits and drain timeout (its data
+/// directory is not used: `ledger` is already open); then stops accepting, ends open streams,
+/// lets open calls finish (for at most the drain timeout), commits and flushes what was
+/// queued, and returns.
 pub async fn run(
     listener: TcpListener,
     ledger: Arc<Ledger>,
-    queue_limits: QueueLimits,
+    config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let health = Health::new();
-    serve_ledger(
-        listener,
-        ledger,
-        queue_limits,
-        DEFAULT_DRAIN_TIMEOUT,
-        health,
-        shutdown,
-    )
-    .await
+    serve_ledger(listener, ledger, &config, Health::new(), shutdown).await
 }
 
 /// Binds nothing itself: serves gRPC health on `listener` at once, reporting NOT_SERVING while
 /// `open` opens (or creates) the ledger on a blocking thread, then serves everything as
-/// [`run`] does, with `config`'s queue sizes and drain timeout. `opened` is told the ledger
+/// [`run`] does. `opened` is told the ledger
 /// and what happened while opening (e.g. to log it). A `shutdown` while the ledger is
 /// still opening returns once the opening has finished, without serving it.
 pub async fn open_and_run(
@@ -308,15 +310,7 @@ pub async fn open_and_run(
     })??;
     opened(&ledger, &startup);
     let listener = TcpListener::from_std(full_listener).map_err(listen_error)?;
-    serve_ledger(
-        listener,
-        ledger,
-        config.queue,
-        config.drain_timeout,
-        health,
-        shutdown,
-    )
-    .await
+    serve_ledger(listener, ledger, &config, health, shutdown).await
 }
 
 fn listen_error(source: std::io::Error) -> ServerError {
@@ -357,16 +351,17 @@ const AUDIT_SERVICE: &str = <AuditServer<AuditService> as tonic::server::NamedSe
 async fn serve_ledger(
     listener: TcpListener,
     ledger: Arc<Ledger>,
-    queue_limits: QueueLimits,
-    drain_timeout: Duration,
+    config: &Config,
     health: Health,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    let drain_timeout = config.drain_timeout;
+    let streams = OpenStreams::new(config.streams);
     // Long-lived streams (Watch, AppendStream) end when this turns true, so the server can
     // drain instead of waiting for clients to hang up; the commit queue then takes nothing
     // new and ends once what it holds is committed.
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
-    let (queue, commit_task) = CommitQueue::start(ledger.clone(), queue_limits, closing.clone());
+    let (queue, commit_task) = CommitQueue::start(ledger.clone(), config.queue, closing.clone());
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
@@ -404,12 +399,12 @@ async fn serve_ledger(
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(
-                LedgerServer::new(LedgerService::new(queue, closing.clone()))
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                LedgerServer::new(LedgerService::new(queue, closing.clone(), streams.clone()))
+                    .max_decoding_message_size(config.max_message_bytes),
             )
             .add_service(
-                AuditServer::new(AuditService::new(ledger.clone(), closing))
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                AuditServer::new(AuditService::new(ledger.clone(), closing, streams))
+                    .max_decoding_message_size(config.max_message_bytes),
             )
             .serve_with_incoming_shutdown(incoming, shutdown),
     );

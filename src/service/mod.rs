@@ -25,9 +25,65 @@ use crate::proto::{
 };
 pub use commit_queue::{CommitQueue, QueueLimits};
 
-/// Receipts a single `AppendStream` may have outstanding (queued or committing) before the
-/// server stops reading from that stream.
+/// Default: receipts a single `AppendStream` may have outstanding (queued or committing)
+/// before the server stops reading from that stream.
 pub const MAX_IN_FLIGHT_PER_STREAM: usize = 4096;
+
+/// Default: streaming calls (`AppendStream`, `Watch`, `GetEntries`) open at once across all
+/// connections.
+pub const MAX_STREAMS: usize = 1024;
+
+/// What clients may hold open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// Streaming calls (`AppendStream`, `Watch`, `GetEntries`) open at once across all
+    /// connections; one more is refused with `RESOURCE_EXHAUSTED`.
+    pub max_streams: usize,
+    /// Receipts one `AppendStream` may have outstanding before the server stops reading it
+    /// (backpressure: the client's sends wait).
+    pub max_in_flight_per_stream: usize,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        Self {
+            max_streams: MAX_STREAMS,
+            max_in_flight_per_stream: MAX_IN_FLIGHT_PER_STREAM,
+        }
+    }
+}
+
+/// Counts the open streaming calls against [`StreamLimits::max_streams`]; shared by both
+/// services.
+#[derive(Debug, Clone)]
+pub struct OpenStreams {
+    permits: Arc<tokio::sync::Semaphore>,
+    limits: StreamLimits,
+}
+
+impl OpenStreams {
+    /// No stream open yet.
+    pub fn new(limits: StreamLimits) -> Self {
+        Self {
+            permits: Arc::new(tokio::sync::Semaphore::new(limits.max_streams)),
+            limits,
+        }
+    }
+
+    /// A place for one more stream, held until the permit is dropped (when the stream's task
+    /// ends), or `RESOURCE_EXHAUSTED`.
+    fn open(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| status::too_many_streams(self.limits.max_streams))
+    }
+
+    /// Streams open now.
+    pub fn open_count(&self) -> usize {
+        self.limits.max_streams - self.permits.available_permits()
+    }
+}
 
 /// Entries buffered per streaming read before the server waits for the client.
 const STREAM_BUFFER: usize = 256;
@@ -40,12 +96,18 @@ pub struct LedgerService {
     queue: CommitQueue,
     /// Turns true when the server shuts down: open streams stop taking new events.
     closing: Closing,
+    streams: OpenStreams,
 }
 
 impl LedgerService {
-    /// A service that submits to `queue` until `closing` turns true.
-    pub fn new(queue: CommitQueue, closing: Closing) -> Self {
-        Self { queue, closing }
+    /// A service that submits to `queue` until `closing` turns true, its streams counted in
+    /// `streams`.
+    pub fn new(queue: CommitQueue, closing: Closing, streams: OpenStreams) -> Self {
+        Self {
+            queue,
+            closing,
+            streams,
+        }
     }
 }
 
@@ -75,13 +137,16 @@ impl LedgerRpc for LedgerService {
         &self,
         request: Request<Streaming<SignedEvent>>,
     ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        let permit = self.streams.open()?;
         let mut inbound = request.into_inner();
         let queue = self.queue.clone();
         // Pending replies in submission order; bounded, so a stream cannot queue without limit.
-        let (pending_tx, mut pending_rx) = mpsc::channel(MAX_IN_FLIGHT_PER_STREAM);
+        let (pending_tx, mut pending_rx) =
+            mpsc::channel(self.streams.limits.max_in_flight_per_stream.max(1));
         let (out_tx, out_rx) = mpsc::channel(STREAM_BUFFER);
         let closing = self.closing.clone();
-        let (cut_tx, cut_rx) = oneshot::channel::<()>();
+        // Why the server stopped reading early, if it did: sent after the last receipt.
+        let (cut_tx, cut_rx) = oneshot::channel::<Status>();
         tokio::spawn(async move {
             // At shutdown, stop reading new events; those already queued still get receipts,
             // and then the stream ends with UNAVAILABLE so the client knows it was cut short.
@@ -92,13 +157,25 @@ impl LedgerRpc for LedgerService {
                     item = inbound.next() => item,
                     () = &mut closing => {
                         if let Some(cut) = cut_tx.take() {
-                            let _ = cut.send(());
+                            let _ = cut.send(Status::unavailable(
+                                "the ledger is shutting down; events after the last receipt were not read",
+                            ));
                         }
                         break;
                     }
                 };
                 let Some(item) = item else { break };
-                let Ok(event) = item else { break };
+                let event = match item {
+                    Ok(event) => event,
+                    // A message the transport refused (e.g. over the size limit): the client
+                    // learns why, after the receipts of the events before it.
+                    Err(status) => {
+                        if let Some(cut) = cut_tx.take() {
+                            let _ = cut.send(status);
+                        }
+                        break;
+                    }
+                };
                 let pending = match queue.submit(event).await {
                     Ok(rx) => rx,
                     Err(status) => {
@@ -113,6 +190,8 @@ impl LedgerRpc for LedgerService {
             }
         });
         tokio::spawn(async move {
+            // The stream counts as open until its last receipt is sent.
+            let _permit = permit;
             while let Some(pending) = pending_rx.recv().await {
                 let receipt = match await_reply(pending).await {
                     Ok(receipt) => receipt,
@@ -125,12 +204,8 @@ impl LedgerRpc for LedgerService {
                     return;
                 }
             }
-            if cut_rx.await.is_ok() {
-                let _ = out_tx
-                    .send(Err(Status::unavailable(
-                        "the ledger is shutting down; events after the last receipt were not read",
-                    )))
-                    .await;
+            if let Ok(status) = cut_rx.await {
+                let _ = out_tx.send(Err(status)).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
@@ -143,12 +218,17 @@ pub struct AuditService {
     ledger: Arc<Ledger>,
     /// Turns true when the server shuts down: `Watch` streams end.
     closing: Closing,
+    streams: OpenStreams,
 }
 
 impl AuditService {
     /// A service reading `ledger`; its `Watch` streams end when `closing` turns true.
-    pub fn new(ledger: Arc<Ledger>, closing: Closing) -> Self {
-        Self { ledger, closing }
+    pub fn new(ledger: Arc<Ledger>, closing: Closing, streams: OpenStreams) -> Self {
+        Self {
+            ledger,
+            closing,
+            streams,
+        }
     }
 
     fn stored_entry(&self, seq: u64) -> Result<StoredEntry, Status> {
@@ -247,9 +327,11 @@ impl Audit for AuditService {
                 "start {start} is after end {end}"
             )));
         }
+        let permit = self.streams.open()?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let ledger = self.ledger.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             send_entries(&ledger, start, end, &tx).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -341,10 +423,12 @@ impl Audit for AuditService {
                 "start_seq {start} is beyond the newest checkpoint's tree size {size}"
             )));
         }
+        let permit = self.streams.open()?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let ledger = self.ledger.clone();
         let closing = self.closing.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut next = start;
             loop {
                 let size = *sizes.borrow_and_update();

@@ -53,6 +53,13 @@ pub fn proof(error: &ProofError) -> Status {
     }
 }
 
+/// One streaming call more than the server's limit.
+pub fn too_many_streams(limit: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "too many open streams (the limit is {limit}); close one or retry later"
+    ))
+}
+
 /// The ledger is shutting down or its commit task stopped.
 pub fn unavailable() -> Status {
     Status::unavailable("the ledger is shutting down")

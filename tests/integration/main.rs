@@ -9,6 +9,7 @@
 //! - `write`: genesis, key grants, unary and streaming appends, every refusal.
 //! - `hostile`: mutated exports, entries, trace bundles and events: typed errors, never a
 //!   clean verification of altered bytes, and the verifier agrees with what the ledger accepts.
+//! - `limits`: oversized messages and streams beyond the limit refused, nothing written.
 //! - `durability`: restart keeps size, root and the hash chain; data-directory files.
 //! - `query`: `Audit.Query` against a brute-force oracle over a mixed ledger.
 //! - `proofs`: receipts proved against checkpoints with the pure core only; out-of-range reads.
@@ -21,6 +22,7 @@ mod binary;
 mod cli;
 mod durability;
 mod hostile;
+mod limits;
 mod proofs;
 mod query;
 mod server;

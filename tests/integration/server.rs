@@ -83,7 +83,7 @@ async fn health_turns_not_serving_when_appends_stop_after_a_storage_failure() {
     let task = tokio::spawn(custody::server::run(
         listener,
         ledger.clone(),
-        config.queue,
+        config.clone(),
         async {
             let _ = stopped.await;
         },

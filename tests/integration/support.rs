@@ -48,15 +48,21 @@ impl TestLedger {
 
     /// Starts (or restarts) the ledger whose data lives in `dir`.
     pub async fn start_in(dir: TempDir) -> Self {
+        Self::start_configured(dir, |_| ()).await
+    }
+
+    /// As [`start_in`](Self::start_in), with `configure` changing the configuration first.
+    pub async fn start_configured(dir: TempDir, configure: impl FnOnce(&mut Config)) -> Self {
         let admin = key(1);
         let mut config = Config::new(dir.path().join("data"));
         config.admin_public_key = Some(admin.verifying_key().to_bytes());
+        configure(&mut config);
         let (ledger, _startup) = server::open_ledger(&config).unwrap();
         let verifier_key = ledger.verifier_key();
         let listener = server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (shutdown, stop) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(listener, ledger, config.queue, async {
+        let task = tokio::spawn(server::run(listener, ledger, config.clone(), async {
             let _ = stop.await;
         }));
         Self {
