@@ -20,6 +20,7 @@
 //!   sequence and sign the checkpoint; apply: one atomic write; finish: flush, publish,
 //!   receipts) and the ledger's keys and genesis.
 //! - [`service`]: the tonic services `Ledger` and `Audit`; errors to gRPC codes in one place.
+//! - [`metrics`]: Prometheus counters, histograms and gauges, and their HTTP endpoint.
 //! - [`server`]: configuration, data directory, listener, health, reflection, shutdown.
 //! - [`proto`]: the generated protobuf and gRPC types of `proto/custody/v1/custody.proto`.
 #![forbid(unsafe_code)]
@@ -30,6 +31,7 @@ pub mod export;
 pub mod inspect;
 pub mod ledger;
 pub mod merkle;
+pub mod metrics;
 pub mod scratch;
 pub mod server;
 pub mod service;

@@ -73,6 +73,10 @@ enum Command {
         /// it (the client's sends then wait).
         #[arg(long, value_name = "N", default_value_t = custody::service::MAX_IN_FLIGHT_PER_STREAM)]
         max_in_flight_per_stream: usize,
+        /// Serve Prometheus metrics over HTTP at this address (`GET /metrics`); off by
+        /// default. Keep it on loopback or a private network: it tells event counts.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
         /// Log format on stderr: `text` for people, `json` (one object per line) for log
         /// pipelines. RUST_LOG sets the filter (default `info`).
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -414,6 +418,7 @@ async fn run(cli: Cli) -> anyhow::Result<Result<(), Failure>> {
             max_message_bytes,
             max_streams,
             max_in_flight_per_stream,
+            metrics_listen,
             log_format,
         } => {
             init_logging(log_format);
@@ -428,6 +433,7 @@ async fn run(cli: Cli) -> anyhow::Result<Result<(), Failure>> {
                 );
             }
             config.max_message_bytes = max_message_bytes;
+            config.metrics_listen = metrics_listen;
             config.streams = custody::service::StreamLimits {
                 max_streams,
                 max_in_flight_per_stream,

@@ -26,9 +26,10 @@ use tonic_health::ServingStatus;
 use crate::checkpoint;
 use crate::envelope;
 use crate::ledger::{GenesisParams, Ledger, LedgerError};
+use crate::metrics::Metrics;
 use crate::proto::{audit_server::AuditServer, ledger_server::LedgerServer};
 use crate::service::{
-    AuditService, CommitQueue, LedgerService, OpenStreams, QueueLimits, StreamLimits,
+    closed, AuditService, CommitQueue, LedgerService, OpenStreams, QueueLimits, StreamLimits,
 };
 use crate::store::Store;
 
@@ -65,6 +66,8 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Open streams and in-flight events per stream.
     pub streams: StreamLimits,
+    /// Where to serve Prometheus metrics over HTTP (`GET /metrics`); none by default.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -79,6 +82,7 @@ impl Config {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_message_bytes: MAX_MESSAGE_BYTES,
             streams: StreamLimits::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -357,11 +361,31 @@ async fn serve_ledger(
 ) -> Result<(), ServerError> {
     let drain_timeout = config.drain_timeout;
     let streams = OpenStreams::new(config.streams);
+    let metrics = Arc::new(Metrics::new());
     // Long-lived streams (Watch, AppendStream) end when this turns true, so the server can
     // drain instead of waiting for clients to hang up; the commit queue then takes nothing
     // new and ends once what it holds is committed.
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
-    let (queue, commit_task) = CommitQueue::start(ledger.clone(), config.queue, closing.clone());
+    let (queue, commit_task) = CommitQueue::start(
+        ledger.clone(),
+        config.queue,
+        closing.clone(),
+        metrics.clone(),
+    );
+    let metrics_task = match config.metrics_listen {
+        Some(addr) => {
+            let listener = bind(addr).await?;
+            tracing::info!(address = %listener.local_addr().map_err(listen_error)?, "serving Prometheus metrics at /metrics");
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics,
+                ledger.clone(),
+                streams.clone(),
+                closed(closing.clone()),
+            )))
+        }
+        None => None,
+    };
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
@@ -429,6 +453,9 @@ async fn serve_ledger(
     };
     drop(server);
     watch_failure.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     // The queue stopped taking submissions when shutdown began: the commit task drains and
     // ends.
     if let Err(join_error) = commit_task.await {

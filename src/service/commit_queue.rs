@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use crate::ledger::{AppliedBatch, InFlight, JudgedBatch, Ledger, PreparedBatch};
+use crate::metrics::Metrics;
 use crate::proto::{Receipt, SignedEvent};
 
 use super::status;
@@ -63,10 +64,13 @@ impl CommitQueue {
     /// dropped) the queue takes no more submissions (they fail with `UNAVAILABLE`); those
     /// already queued are committed and answered, and then the task ends, even while some
     /// handles are still held.
+    ///
+    /// Batch sizes, stage times and outcomes are counted in `metrics`.
     pub fn start(
         ledger: Arc<Ledger>,
         limits: QueueLimits,
         closing: tokio::sync::watch::Receiver<bool>,
+        metrics: Arc<Metrics>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(limits.capacity.max(1));
         // One batch waits at each hand-over: enough to keep every stage busy, little enough to
@@ -80,10 +84,21 @@ impl CommitQueue {
             closing,
             prepared_tx,
             limits.max_batch.max(1),
+            metrics.clone(),
         ));
-        tokio::spawn(judge_stage(ledger.clone(), prepared_rx, judged_tx));
-        tokio::spawn(apply_stage(ledger.clone(), judged_rx, applied_tx));
-        let task = tokio::spawn(finish_stage(ledger, applied_rx));
+        tokio::spawn(judge_stage(
+            ledger.clone(),
+            prepared_rx,
+            judged_tx,
+            metrics.clone(),
+        ));
+        tokio::spawn(apply_stage(
+            ledger.clone(),
+            judged_rx,
+            applied_tx,
+            metrics.clone(),
+        ));
+        let task = tokio::spawn(finish_stage(ledger, applied_rx, metrics));
         (Self { tx }, task)
     }
 
@@ -109,6 +124,7 @@ async fn verify_stage(
     closing: tokio::sync::watch::Receiver<bool>,
     prepared_tx: mpsc::Sender<(PreparedBatch, Replies)>,
     max_batch: usize,
+    metrics: Arc<Metrics>,
 ) {
     let threads = crate::trust::all_cores();
     let mut submissions = Vec::with_capacity(max_batch);
@@ -134,8 +150,9 @@ async fn verify_stage(
         }
         let (events, replies): (Vec<_>, Replies) =
             submissions.drain(..).map(|s| (s.event, s.reply)).unzip();
+        metrics.batch(events.len());
         let ledger_for_batch = ledger.clone();
-        let prepared = run_stage("verify", events.len(), move || {
+        let prepared = run_stage(&metrics, "verify", events.len(), move || {
             ledger_for_batch.prepare(events, threads)
         })
         .await;
@@ -145,7 +162,7 @@ async fn verify_stage(
                     break;
                 }
             }
-            Err(join_error) => fail_all(replies, &join_error),
+            Err(join_error) => fail_all(&metrics, replies, &join_error),
         }
     }
 }
@@ -156,12 +173,13 @@ async fn judge_stage(
     ledger: Arc<Ledger>,
     mut prepared_rx: mpsc::Receiver<(PreparedBatch, Replies)>,
     judged_tx: mpsc::Sender<(JudgedBatch, Replies)>,
+    metrics: Arc<Metrics>,
 ) {
     let mut in_flight = Some(InFlight::default());
     while let Some((prepared, replies)) = prepared_rx.recv().await {
         let ledger_for_batch = ledger.clone();
         let mut memory = in_flight.take().unwrap_or_default();
-        let judged = run_stage("judge", prepared.len(), move || {
+        let judged = run_stage(&metrics, "judge", prepared.len(), move || {
             let judged = ledger_for_batch.judge(prepared, &mut memory);
             (judged, memory)
         })
@@ -175,11 +193,11 @@ async fn judge_stage(
             }
             Ok((Err(error), memory)) => {
                 in_flight = Some(memory);
-                fail_storage(replies, &error);
+                fail_storage(&metrics, replies, &error);
             }
             // The memory of batches in flight is lost with the panicked thread; the panic
             // stopped the ledger's appends, so every later batch is refused.
-            Err(join_error) => fail_all(replies, &join_error),
+            Err(join_error) => fail_all(&metrics, replies, &join_error),
         }
     }
 }
@@ -189,10 +207,11 @@ async fn apply_stage(
     ledger: Arc<Ledger>,
     mut judged_rx: mpsc::Receiver<(JudgedBatch, Replies)>,
     applied_tx: mpsc::Sender<(AppliedBatch, Replies)>,
+    metrics: Arc<Metrics>,
 ) {
     while let Some((judged, replies)) = judged_rx.recv().await {
         let ledger_for_batch = ledger.clone();
-        let outcome = run_stage("apply", replies.len(), move || {
+        let outcome = run_stage(&metrics, "apply", replies.len(), move || {
             ledger_for_batch.apply(judged, |_| ())
         })
         .await;
@@ -202,8 +221,8 @@ async fn apply_stage(
                     break;
                 }
             }
-            Ok(Err(error)) => fail_storage(replies, &error),
-            Err(join_error) => fail_all(replies, &join_error),
+            Ok(Err(error)) => fail_storage(&metrics, replies, &error),
+            Err(join_error) => fail_all(&metrics, replies, &join_error),
         }
     }
 }
@@ -213,22 +232,27 @@ async fn apply_stage(
 async fn finish_stage(
     ledger: Arc<Ledger>,
     mut applied_rx: mpsc::Receiver<(AppliedBatch, Replies)>,
+    metrics: Arc<Metrics>,
 ) {
     while let Some((applied, replies)) = applied_rx.recv().await {
         let ledger_for_batch = ledger.clone();
-        let outcome = run_stage("finish", replies.len(), move || {
+        let outcome = run_stage(&metrics, "finish", replies.len(), move || {
             ledger_for_batch.finish(applied)
         })
         .await;
         match outcome {
             Ok(Ok(outcomes)) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    match &outcome {
+                        Ok(receipt) => metrics.appended(receipt.duplicate),
+                        Err(refusal) => metrics.refused(refusal),
+                    }
                     // A submitter that went away no longer needs its receipt; its entry stays.
                     let _ = reply.send(outcome.map_err(|refusal| status::refusal(&refusal)));
                 }
             }
-            Ok(Err(error)) => fail_storage(replies, &error),
-            Err(join_error) => fail_all(replies, &join_error),
+            Ok(Err(error)) => fail_storage(&metrics, replies, &error),
+            Err(join_error) => fail_all(&metrics, replies, &join_error),
         }
     }
     if let Err(error) = ledger.store().flush() {
@@ -237,26 +261,31 @@ async fn finish_stage(
 }
 
 /// Runs one stage's work on a blocking thread, logging the batch size and the duration at
-/// debug level.
+/// debug level and counting the duration in `metrics`.
 async fn run_stage<T: Send + 'static>(
+    metrics: &Metrics,
     stage: &'static str,
     events: usize,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, tokio::task::JoinError> {
     let started = std::time::Instant::now();
     let outcome = tokio::task::spawn_blocking(work).await;
-    tracing::debug!(stage, events, micros = started.elapsed().as_micros() as u64);
+    let elapsed = started.elapsed();
+    metrics.stage(stage, elapsed.as_secs_f64());
+    tracing::debug!(stage, events, micros = elapsed.as_micros() as u64);
     outcome
 }
 
-fn fail_storage(replies: Replies, error: &crate::store::StoreError) {
+fn fail_storage(metrics: &Metrics, replies: Replies, error: &crate::store::StoreError) {
+    metrics.failed(replies.len());
     let status = status::storage(error);
     for reply in replies {
         let _ = reply.send(Err(status.clone()));
     }
 }
 
-fn fail_all(replies: Replies, join_error: &tokio::task::JoinError) {
+fn fail_all(metrics: &Metrics, replies: Replies, join_error: &tokio::task::JoinError) {
+    metrics.failed(replies.len());
     tracing::error!(%join_error, "append task panicked");
     for reply in replies {
         let _ = reply.send(Err(Status::internal(

@@ -116,7 +116,7 @@ impl LedgerService {
 pub type Closing = tokio::sync::watch::Receiver<bool>;
 
 /// Resolves once `closing` turns true (or its sender is gone).
-async fn closed(mut closing: Closing) {
+pub async fn closed(mut closing: Closing) {
     let _ = closing.wait_for(|&closing| closing).await;
 }
 

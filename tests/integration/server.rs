@@ -129,3 +129,83 @@ async fn health_turns_not_serving_when_appends_stop_after_a_storage_failure() {
     let _ = stop.send(());
     task.await.unwrap().unwrap();
 }
+
+/// `GET /metrics` over plain HTTP/1.1.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: custody\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+/// The value of the sample named exactly `series` (name and labels) in a scrape.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_appends_refusals_batches_and_stages() {
+    use custody::proto::Role;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ledger =
+        TestLedger::start_configured(dir, |config| config.metrics_listen = Some(metrics_addr))
+            .await;
+    let issuer = key(2);
+    ledger.grant(&issuer, Role::Issuer, "auth.example").await;
+    let event = consent("m-1", "c-1", "alice");
+    ledger.append_ok(&issuer, &event).await;
+    assert!(ledger.append_ok(&issuer, &event).await.duplicate);
+    // Signed by a key nobody granted.
+    let stranger = ledger
+        .ledger()
+        .await
+        .append(sign(&key(99), &consent("m-2", "c-2", "alice")))
+        .await
+        .unwrap_err();
+    assert_eq!(stranger.code(), tonic::Code::Unauthenticated);
+
+    let text = scrape(metrics_addr).await;
+    assert_eq!(sample(&text, "custody_appended_total"), Some(2.0), "{text}");
+    assert_eq!(
+        sample(&text, "custody_duplicates_total"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "custody_refused_total{reason=\"UNKNOWN_KEY\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "custody_tree_size"), Some(3.0), "{text}");
+    assert_eq!(sample(&text, "custody_open_streams"), Some(0.0), "{text}");
+    assert_eq!(
+        sample(&text, "custody_appends_stopped"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "custody_batch_events_count"),
+        Some(4.0),
+        "{text}"
+    );
+    for stage in ["verify", "judge", "apply", "finish"] {
+        let count = sample(
+            &text,
+            &format!("custody_stage_seconds_count{{stage=\"{stage}\"}}"),
+        );
+        assert!(count.is_some_and(|n| n >= 3.0), "{stage}: {text}");
+    }
+}
