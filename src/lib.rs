@@ -21,6 +21,7 @@
 //!   receipts) and the ledger's keys and genesis.
 //! - [`service`]: the tonic services `Ledger` and `Audit`; errors to gRPC codes in one place.
 //! - [`metrics`]: Prometheus counters, histograms and gauges, and their HTTP endpoint.
+//! - [`settings`]: `custody serve`'s settings from flags, environment and a TOML file.
 //! - [`server`]: configuration, data directory, listener, health, reflection, shutdown.
 //! - [`proto`]: the generated protobuf and gRPC types of `proto/custody/v1/custody.proto`.
 #![forbid(unsafe_code)]
@@ -35,6 +36,7 @@ pub mod metrics;
 pub mod scratch;
 pub mod server;
 pub mod service;
+pub mod settings;
 pub mod store;
 pub mod trust;
 pub mod verify;

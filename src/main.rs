@@ -19,6 +19,7 @@ use custody::proto::{
 };
 use custody::scratch::DiskState;
 use custody::server::{self, Config, KeyPairJson};
+use custody::settings::{LogFormat, ServeSettings};
 use custody::store::{keys, Store};
 use custody::{envelope, export, inspect, verify};
 use tokio_stream::StreamExt as _;
@@ -39,49 +40,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Runs the ledger: creates it (keys, genesis) on first start, then serves gRPC.
-    Serve {
-        /// Where the database and keys live.
-        #[arg(long, default_value = server::DEFAULT_DATA_DIR)]
-        data_dir: PathBuf,
-        /// Address to listen on.
-        #[arg(long, default_value = server::DEFAULT_LISTEN)]
-        listen: SocketAddr,
-        /// The log's origin (new ledger; must match an existing one) [default: localhost/custody].
-        #[arg(long)]
-        origin: Option<String>,
-        /// Hex Ed25519 public key of the first admin (new ledger). Generated into
-        /// <data-dir>/admin.key when absent.
-        #[arg(long, value_name = "HEX")]
-        admin_public_key: Option<String>,
-        /// How far an event's occurred_at_ms may stray from the ledger clock (new ledger).
-        #[arg(long, default_value_t = server::DEFAULT_MAX_CLOCK_SKEW_MS)]
-        max_clock_skew_ms: i64,
-        /// Seconds that SIGTERM or Ctrl-C waits for open calls to finish before closing
-        /// their connections; everything acknowledged is durable either way.
-        #[arg(long, value_name = "SECONDS", default_value_t = server::DEFAULT_DRAIN_TIMEOUT.as_secs_f64())]
-        drain_timeout: f64,
-        /// Largest gRPC message decoded, in bytes (a request, or one event of a stream);
-        /// larger ones are refused with OUT_OF_RANGE.
-        #[arg(long, value_name = "BYTES", default_value_t = server::MAX_MESSAGE_BYTES)]
-        max_message_bytes: usize,
-        /// Streaming calls (AppendStream, Watch, GetEntries) open at once; one more is
-        /// refused with RESOURCE_EXHAUSTED.
-        #[arg(long, value_name = "N", default_value_t = custody::service::MAX_STREAMS)]
-        max_streams: usize,
-        /// Receipts one AppendStream may have outstanding before the server stops reading
-        /// it (the client's sends then wait).
-        #[arg(long, value_name = "N", default_value_t = custody::service::MAX_IN_FLIGHT_PER_STREAM)]
-        max_in_flight_per_stream: usize,
-        /// Serve Prometheus metrics over HTTP at this address (`GET /metrics`); off by
-        /// default. Keep it on loopback or a private network: it tells event counts.
-        #[arg(long, value_name = "ADDR")]
-        metrics_listen: Option<SocketAddr>,
-        /// Log format on stderr: `text` for people, `json` (one object per line) for log
-        /// pipelines. RUST_LOG sets the filter (default `info`).
-        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-        log_format: LogFormat,
-    },
+    /// Runs the ledger: creates it (keys, genesis) on first start, then serves gRPC. Each
+    /// setting comes from its flag, else its environment variable, else the --config file,
+    /// else its default.
+    Serve(ServeSettings),
     /// Prints a new Ed25519 key pair as JSON (secret_key hex seed, public_key hex, key_id).
     Keygen,
     /// Prints the table of verdict reason codes (Markdown, as in docs/REASONS.md).
@@ -408,40 +370,10 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<Result<(), Failure>> {
     match cli.command {
-        Command::Serve {
-            data_dir,
-            listen,
-            origin,
-            admin_public_key,
-            max_clock_skew_ms,
-            drain_timeout,
-            max_message_bytes,
-            max_streams,
-            max_in_flight_per_stream,
-            metrics_listen,
-            log_format,
-        } => {
-            init_logging(log_format);
-            let mut config = Config::new(data_dir);
-            config.origin = origin;
-            config.max_clock_skew_ms = max_clock_skew_ms;
-            config.drain_timeout = std::time::Duration::try_from_secs_f64(drain_timeout)
-                .map_err(|e| anyhow::anyhow!("--drain-timeout {drain_timeout}: {e}"))?;
-            if max_message_bytes == 0 || max_streams == 0 || max_in_flight_per_stream == 0 {
-                anyhow::bail!(
-                    "--max-message-bytes, --max-streams and --max-in-flight-per-stream must be at least 1"
-                );
-            }
-            config.max_message_bytes = max_message_bytes;
-            config.metrics_listen = metrics_listen;
-            config.streams = custody::service::StreamLimits {
-                max_streams,
-                max_in_flight_per_stream,
-            };
-            config.admin_public_key = admin_public_key
-                .map(|hex_key| parse_public_key(&hex_key))
-                .transpose()?;
-            serve(config, listen).await?;
+        Command::Serve(settings) => {
+            let resolved = settings.resolve()?;
+            init_logging(resolved.log_format);
+            serve(resolved.config, resolved.listen).await?;
         }
         Command::Keygen => {
             let pair = KeyPairJson::from_signing_key(&server::generate_key());
@@ -931,15 +863,6 @@ fn receipt_json(receipt: &Receipt) -> serde_json::Value {
         "verdict": inspect::verdict_json(&verdict),
         "checkpoint": receipt.checkpoint,
     })
-}
-
-/// How `custody serve` writes its log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 fn init_logging(format: LogFormat) {

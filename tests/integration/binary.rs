@@ -10,6 +10,7 @@
 //!   every receipt sent is durable.
 //! - Health: NOT_SERVING while the ledger is still opening, SERVING once it is open.
 //! - Logs: human-readable by default, one JSON object per line with `--log-format json`.
+//! - Settings: a flag beats its environment variable, which beats the `--config` file.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -501,4 +502,82 @@ async fn logs_are_text_by_default_and_json_lines_on_request() {
     assert!(lines.iter().any(|line| line["verifier_key"]
         .as_str()
         .is_some_and(|k| k.starts_with("localhost/custody+"))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_come_from_flags_then_environment_then_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("from-file");
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (file_port, env_port) = (free_port(), free_port());
+    let config = dir.path().join("custody.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {data:?}\nlisten = \"127.0.0.1:{file_port}\"\nmax_streams = 1\nlog_format = \"text\"\nadmin_public_key = \"{}\"\n",
+            hex::encode(key(1).verifying_key().to_bytes())
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("server.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_custody"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .arg("--log-format")
+        .arg("json")
+        .env("CUSTODY_LISTEN", format!("127.0.0.1:{env_port}"))
+        .env("CUSTODY_LOG_FORMAT", "text")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // The environment's address wins over the file's.
+    let server = Server {
+        child,
+        url: format!("http://127.0.0.1:{env_port}"),
+    };
+    server.wait_for_health(ServingStatus::Serving).await;
+    // The file's data directory and stream limit apply.
+    assert!(data.join("ledger.pub").exists());
+    let mut audit = AuditClient::connect(server.url.clone()).await.unwrap();
+    let _first = audit
+        .watch(custody::proto::WatchRequest { start_seq: 0 })
+        .await
+        .unwrap();
+    let second = audit
+        .watch(custody::proto::WatchRequest { start_seq: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(second.code(), tonic::Code::ResourceExhausted);
+    drop(audit);
+    server.terminate();
+    // The flag's log format wins over the environment's.
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.is_empty());
+    for line in text.lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not JSON: {line:?}: {e}"));
+    }
+
+    // A bad file stops the server before it starts, naming the file.
+    std::fs::write(&config, "max_stream = 1\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_custody"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("custody.toml") && stderr.contains("max_stream"),
+        "{stderr}"
+    );
 }
