@@ -21,9 +21,13 @@
 //!   receipts) and the ledger's keys and genesis.
 //! - [`service`]: the tonic services `Ledger` and `Audit`; errors to gRPC codes in one place.
 //! - [`server`]: configuration, data directory, listener, health, reflection, shutdown.
+//! - [`tls`]: TLS on the listener, client certificates, the plaintext-on-loopback rule.
+//! - [`access`]: who may read (`Audit`) and write (`Ledger`): client certificate subjects,
+//!   bearer token digests.
 //! - [`proto`]: the generated protobuf and gRPC types of `proto/custody/v1/custody.proto`.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod checkpoint;
 pub mod envelope;
 pub mod export;
@@ -34,6 +38,7 @@ pub mod scratch;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod trust;
 pub mod verify;
 

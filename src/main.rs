@@ -65,6 +65,8 @@ enum Command {
         /// pipelines. RUST_LOG sets the filter (default `info`).
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
+        #[command(flatten)]
+        security: SecurityArgs,
     },
     /// Prints a new Ed25519 key pair as JSON (secret_key hex seed, public_key hex, key_id).
     Keygen,
@@ -400,6 +402,7 @@ async fn run(cli: Cli) -> anyhow::Result<Result<(), Failure>> {
             max_clock_skew_ms,
             drain_timeout,
             log_format,
+            security,
         } => {
             init_logging(log_format);
             let mut config = Config::new(data_dir);
@@ -410,6 +413,7 @@ async fn run(cli: Cli) -> anyhow::Result<Result<(), Failure>> {
             config.admin_public_key = admin_public_key
                 .map(|hex_key| parse_public_key(&hex_key))
                 .transpose()?;
+            config.security = security.into_security();
             serve(config, listen).await?;
         }
         Command::Keygen => {
@@ -924,6 +928,8 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn serve(config: Config, listen: SocketAddr) -> anyhow::Result<()> {
+    // Checked again on the bound address; here so a refusal comes before "listening".
+    config.security.check(listen)?;
     let listener = server::bind(listen).await?;
     tracing::info!(
         address = %listener.local_addr()?,
@@ -978,5 +984,58 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => tracing::info!("SIGINT: shutting down"),
         () = terminate => tracing::info!("SIGTERM: shutting down"),
+    }
+}
+
+/// `custody serve`'s TLS and access-control flags (see `custody::tls` and `custody::access`).
+#[derive(clap::Args)]
+#[command(next_help_heading = "TLS and access control")]
+struct SecurityArgs {
+    /// Serve TLS with this PEM certificate chain (leaf first); needs --tls-key.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Verify client certificates against the CA certificate(s) in this PEM file. Clients
+    /// may still connect without one unless --require-client-cert.
+    #[arg(long, value_name = "PEM")]
+    client_ca: Option<PathBuf>,
+    /// Every connection must present a client certificate valid under --client-ca.
+    #[arg(long)]
+    require_client_cert: bool,
+    /// Calls to the Ledger service (writes) need a client certificate valid under
+    /// --client-ca (UNAUTHENTICATED otherwise).
+    #[arg(long)]
+    writers_need_client_cert: bool,
+    /// Allow Audit (reads) to clients whose certificate subject Common Name is exactly this
+    /// (repeatable). With this or --reader-token-sha256, Audit answers only allowed readers.
+    #[arg(long = "reader-subject", value_name = "CN")]
+    reader_subjects: Vec<String>,
+    /// Allow Audit (reads) to clients sending `authorization: Bearer <token>` whose token's
+    /// SHA-256 is this hex digest (repeatable).
+    #[arg(long = "reader-token-sha256", value_name = "HEX", value_parser = custody::access::parse_token_sha256)]
+    reader_token_sha256: Vec<[u8; 32]>,
+    /// Serve plaintext on a non-loopback address (refused otherwise).
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl SecurityArgs {
+    fn into_security(self) -> custody::tls::Security {
+        custody::tls::Security {
+            tls: self
+                .tls_cert
+                .zip(self.tls_key)
+                .map(|(cert, key)| custody::tls::TlsFiles { cert, key }),
+            client_ca: self.client_ca,
+            require_client_cert: self.require_client_cert,
+            writers_need_client_cert: self.writers_need_client_cert,
+            readers: custody::access::ReaderAllowList {
+                subjects: self.reader_subjects,
+                token_sha256: self.reader_token_sha256,
+            },
+            insecure: self.insecure,
+        }
     }
 }

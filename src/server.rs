@@ -19,6 +19,7 @@ use ed25519_dalek::SigningKey;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
@@ -29,6 +30,7 @@ use crate::ledger::{GenesisParams, Ledger, LedgerError};
 use crate::proto::{audit_server::AuditServer, ledger_server::LedgerServer};
 use crate::service::{AuditService, CommitQueue, LedgerService, QueueLimits};
 use crate::store::Store;
+use crate::tls::{Security, Transport};
 
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "./custody-data";
@@ -58,6 +60,8 @@ pub struct Config {
     pub queue: QueueLimits,
     /// How long shutdown waits for open calls to finish.
     pub drain_timeout: Duration,
+    /// TLS, client certificates, access control and the plaintext rule (see [`crate::tls`]).
+    pub security: Security,
 }
 
 impl Config {
@@ -70,6 +74,7 @@ impl Config {
             max_clock_skew_ms: DEFAULT_MAX_CLOCK_SKEW_MS,
             queue: QueueLimits::default(),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            security: Security::default(),
         }
     }
 }
@@ -94,6 +99,13 @@ pub enum ServerError {
     /// The ledger could not be created or opened.
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    /// A TLS certificate, key or client CA file could not be read or used.
+    #[error("couldn't load the TLS {what} {path}: {message}")]
+    Tls {
+        what: &'static str,
+        path: PathBuf,
+        message: String,
+    },
     /// The gRPC transport failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -243,6 +255,8 @@ pub fn open_ledger(config: &Config) -> Result<(Arc<Ledger>, Startup), ServerErro
 /// Serves the `Ledger` and `Audit` services, gRPC health and reflection on `listener` until
 /// `shutdown` completes; then stops accepting, ends open streams, lets open calls finish (for
 /// at most [`DEFAULT_DRAIN_TIMEOUT`]), commits and flushes what was queued, and returns.
+/// Plaintext, without access control ([`Security::default`]): `listener` must be on a
+/// loopback address.
 pub async fn run(
     listener: TcpListener,
     ledger: Arc<Ledger>,
@@ -250,12 +264,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     let health = Health::new();
+    let transport = Security::default().load(listener.local_addr().map_err(listen_error)?)?;
     serve_ledger(
         listener,
         ledger,
         queue_limits,
         DEFAULT_DRAIN_TIMEOUT,
         health,
+        &transport,
         shutdown,
     )
     .await
@@ -263,7 +279,8 @@ pub async fn run(
 
 /// Binds nothing itself: serves gRPC health on `listener` at once, reporting NOT_SERVING while
 /// `open` opens (or creates) the ledger on a blocking thread, then serves everything as
-/// [`run`] does, with `config`'s queue sizes and drain timeout. `opened` is told the ledger
+/// [`run`] does, with `config`'s queue sizes, drain timeout and security (TLS for the health
+/// server too; a bad setting or file is an error before anything is served). `opened` is told the ledger
 /// and what happened while opening (e.g. to log it). A `shutdown` while the ledger is
 /// still opening returns once the opening has finished, without serving it.
 pub async fn open_and_run(
@@ -272,6 +289,9 @@ pub async fn open_and_run(
     opened: impl FnOnce(&Ledger, &Startup),
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    let transport = config
+        .security
+        .load(listener.local_addr().map_err(listen_error)?)?;
     let health = Health::new();
     health.set_all(ServingStatus::NotServing).await;
     // Two handles on one socket: the health-only server accepts on the first while the ledger
@@ -282,7 +302,8 @@ pub async fn open_and_run(
     let opening_listener = TcpListener::from_std(listener).map_err(listen_error)?;
     let (opened_tx, opened_rx) = tokio::sync::oneshot::channel::<()>();
     let health_only = tokio::spawn(
-        tonic::transport::Server::builder()
+        transport
+            .server_builder()
             .add_service(health.service.clone())
             .serve_with_incoming_shutdown(TcpIncoming::from(opening_listener), async {
                 let _ = opened_rx.await;
@@ -314,6 +335,7 @@ pub async fn open_and_run(
         config.queue,
         config.drain_timeout,
         health,
+        &transport,
         shutdown,
     )
     .await
@@ -360,6 +382,7 @@ async fn serve_ledger(
     queue_limits: QueueLimits,
     drain_timeout: Duration,
     health: Health,
+    transport: &Transport,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     // Long-lived streams (Watch, AppendStream) end when this turns true, so the server can
@@ -399,18 +422,21 @@ async fn serve_ledger(
         .map_err(|e| ServerError::Config(format!("reflection: {e}")))?;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut server = Box::pin(
-        tonic::transport::Server::builder()
+        transport
+            .server_builder()
             .add_service(health.service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(
+            .add_service(InterceptedService::new(
                 LedgerServer::new(LedgerService::new(queue, closing.clone()))
                     .max_decoding_message_size(MAX_MESSAGE_BYTES),
-            )
-            .add_service(
+                transport.writer_gate(),
+            ))
+            .add_service(InterceptedService::new(
                 AuditServer::new(AuditService::new(ledger.clone(), closing))
                     .max_decoding_message_size(MAX_MESSAGE_BYTES),
-            )
+                transport.reader_gate(),
+            ))
             .serve_with_incoming_shutdown(incoming, shutdown),
     );
     // Once shutdown starts, open calls get `drain_timeout` to finish; then their connections
