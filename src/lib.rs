@@ -23,9 +23,13 @@
 //! - [`metrics`]: Prometheus counters, histograms and gauges, and their HTTP endpoint.
 //! - [`settings`]: `custody serve`'s settings from flags, environment and a TOML file.
 //! - [`server`]: configuration, data directory, listener, health, reflection, shutdown.
+//! - [`tls`]: TLS on the listener, client certificates, the plaintext-on-loopback rule.
+//! - [`access`]: who may read (`Audit`) and write (`Ledger`): client certificate subjects,
+//!   bearer token digests.
 //! - [`proto`]: the generated protobuf and gRPC types of `proto/custody/v1/custody.proto`.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod checkpoint;
 pub mod envelope;
 pub mod export;
@@ -38,6 +42,7 @@ pub mod server;
 pub mod service;
 pub mod settings;
 pub mod store;
+pub mod tls;
 pub mod trust;
 pub mod verify;
 

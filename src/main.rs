@@ -878,6 +878,8 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn serve(config: Config, listen: SocketAddr) -> anyhow::Result<()> {
+    // Checked again on the bound address; here so a refusal comes before "listening".
+    config.security.check(listen)?;
     let listener = server::bind(listen).await?;
     tracing::info!(
         address = %listener.local_addr()?,

@@ -19,6 +19,7 @@ use ed25519_dalek::SigningKey;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
@@ -32,6 +33,7 @@ use crate::service::{
     closed, AuditService, CommitQueue, LedgerService, OpenStreams, QueueLimits, StreamLimits,
 };
 use crate::store::Store;
+use crate::tls::{Security, Transport};
 
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "./custody-data";
@@ -68,6 +70,8 @@ pub struct Config {
     pub streams: StreamLimits,
     /// Where to serve Prometheus metrics over HTTP (`GET /metrics`); none by default.
     pub metrics_listen: Option<SocketAddr>,
+    /// TLS, client certificates, access control and the plaintext rule (see [`crate::tls`]).
+    pub security: Security,
 }
 
 impl Config {
@@ -83,6 +87,7 @@ impl Config {
             max_message_bytes: MAX_MESSAGE_BYTES,
             streams: StreamLimits::default(),
             metrics_listen: None,
+            security: Security::default(),
         }
     }
 }
@@ -107,6 +112,13 @@ pub enum ServerError {
     /// The ledger could not be created or opened.
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    /// A TLS certificate, key or client CA file could not be read or used.
+    #[error("couldn't load the TLS {what} {path}: {message}")]
+    Tls {
+        what: &'static str,
+        path: PathBuf,
+        message: String,
+    },
     /// The gRPC transport failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -254,22 +266,27 @@ pub fn open_ledger(config: &Config) -> Result<(Arc<Ledger>, Startup), ServerErro
 }
 
 /// Serves the `Ledger` and `Audit` services, gRPC health and reflection on `listener` until
-/// `shutdown` completes, with `config`'s queue sizes, limits and drain timeout (its data
-/// directory is not used: `ledger` is already open); then stops accepting, ends open streams,
-/// lets open calls finish (for at most the drain timeout), commits and flushes what was
-/// queued, and returns.
+/// `shutdown` completes, with `config`'s queue sizes, limits, drain timeout and security (its
+/// data directory is not used: `ledger` is already open); then stops accepting, ends open
+/// streams, lets open calls finish (for at most the drain timeout), commits and flushes what
+/// was queued, and returns. With the default security (plaintext, no access control)
+/// `listener` must be on a loopback address.
 pub async fn run(
     listener: TcpListener,
     ledger: Arc<Ledger>,
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    serve_ledger(listener, ledger, &config, Health::new(), shutdown).await
+    let transport = config
+        .security
+        .load(listener.local_addr().map_err(listen_error)?)?;
+    serve_ledger(listener, ledger, &config, Health::new(), &transport, shutdown).await
 }
 
 /// Binds nothing itself: serves gRPC health on `listener` at once, reporting NOT_SERVING while
 /// `open` opens (or creates) the ledger on a blocking thread, then serves everything as
-/// [`run`] does. `opened` is told the ledger
+/// [`run`] does (TLS for the health server too; a bad setting or file is an error before
+/// anything is served). `opened` is told the ledger
 /// and what happened while opening (e.g. to log it). A `shutdown` while the ledger is
 /// still opening returns once the opening has finished, without serving it.
 pub async fn open_and_run(
@@ -278,6 +295,9 @@ pub async fn open_and_run(
     opened: impl FnOnce(&Ledger, &Startup),
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    let transport = config
+        .security
+        .load(listener.local_addr().map_err(listen_error)?)?;
     let health = Health::new();
     health.set_all(ServingStatus::NotServing).await;
     // Two handles on one socket: the health-only server accepts on the first while the ledger
@@ -288,7 +308,8 @@ pub async fn open_and_run(
     let opening_listener = TcpListener::from_std(listener).map_err(listen_error)?;
     let (opened_tx, opened_rx) = tokio::sync::oneshot::channel::<()>();
     let health_only = tokio::spawn(
-        tonic::transport::Server::builder()
+        transport
+            .server_builder()
             .add_service(health.service.clone())
             .serve_with_incoming_shutdown(TcpIncoming::from(opening_listener), async {
                 let _ = opened_rx.await;
@@ -314,7 +335,7 @@ pub async fn open_and_run(
     })??;
     opened(&ledger, &startup);
     let listener = TcpListener::from_std(full_listener).map_err(listen_error)?;
-    serve_ledger(listener, ledger, &config, health, shutdown).await
+    serve_ledger(listener, ledger, &config, health, &transport, shutdown).await
 }
 
 fn listen_error(source: std::io::Error) -> ServerError {
@@ -357,6 +378,7 @@ async fn serve_ledger(
     ledger: Arc<Ledger>,
     config: &Config,
     health: Health,
+    transport: &Transport,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     let drain_timeout = config.drain_timeout;
@@ -418,18 +440,21 @@ async fn serve_ledger(
         .map_err(|e| ServerError::Config(format!("reflection: {e}")))?;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut server = Box::pin(
-        tonic::transport::Server::builder()
+        transport
+            .server_builder()
             .add_service(health.service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(
+            .add_service(InterceptedService::new(
                 LedgerServer::new(LedgerService::new(queue, closing.clone(), streams.clone()))
                     .max_decoding_message_size(config.max_message_bytes),
-            )
-            .add_service(
+                transport.writer_gate(),
+            ))
+            .add_service(InterceptedService::new(
                 AuditServer::new(AuditService::new(ledger.clone(), closing, streams))
                     .max_decoding_message_size(config.max_message_bytes),
-            )
+                transport.reader_gate(),
+            ))
             .serve_with_incoming_shutdown(incoming, shutdown),
     );
     // Once shutdown starts, open calls get `drain_timeout` to finish; then their connections

@@ -21,8 +21,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::access::ReaderAllowList;
 use crate::server::{self, Config};
 use crate::service::StreamLimits;
+use crate::tls::{Security, TlsFiles};
 
 /// How `custody serve` writes its log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -85,6 +87,41 @@ pub struct ServeSettings {
     /// pipelines. RUST_LOG sets the filter (default `info`) [default: text].
     #[arg(long, env = "CUSTODY_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Serve TLS with this PEM certificate chain (leaf first); needs --tls-key.
+    #[arg(long, env = "CUSTODY_TLS_CERT", value_name = "PEM", help_heading = "TLS and access control")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, env = "CUSTODY_TLS_KEY", value_name = "PEM", help_heading = "TLS and access control")]
+    pub tls_key: Option<PathBuf>,
+    /// Verify client certificates against the CA certificate(s) in this PEM file. Clients
+    /// may still connect without one unless --require-client-cert.
+    #[arg(long, env = "CUSTODY_CLIENT_CA", value_name = "PEM", help_heading = "TLS and access control")]
+    pub client_ca: Option<PathBuf>,
+    /// Every connection must present a client certificate valid under --client-ca. (A
+    /// switch: a flag, variable or file can turn it on, none can turn it off.)
+    #[arg(long, env = "CUSTODY_REQUIRE_CLIENT_CERT", help_heading = "TLS and access control")]
+    #[serde(default)]
+    pub require_client_cert: bool,
+    /// Calls to the Ledger service (writes) need a client certificate valid under
+    /// --client-ca (UNAUTHENTICATED otherwise). A switch, as above.
+    #[arg(long, env = "CUSTODY_WRITERS_NEED_CLIENT_CERT", help_heading = "TLS and access control")]
+    #[serde(default)]
+    pub writers_need_client_cert: bool,
+    /// Allow Audit (reads) to clients whose certificate subject Common Name is exactly this
+    /// (repeatable; the variable takes a comma-separated list). With this or
+    /// --reader-token-sha256, Audit answers only allowed readers.
+    #[arg(long = "reader-subject", env = "CUSTODY_READER_SUBJECTS", value_delimiter = ',', value_name = "CN", help_heading = "TLS and access control")]
+    #[serde(default)]
+    pub reader_subjects: Vec<String>,
+    /// Allow Audit (reads) to clients sending `authorization: Bearer <token>` whose token's
+    /// SHA-256 is this hex digest (repeatable; the variable takes a comma-separated list).
+    #[arg(long = "reader-token-sha256", env = "CUSTODY_READER_TOKEN_SHA256", value_delimiter = ',', value_name = "HEX", help_heading = "TLS and access control")]
+    #[serde(default)]
+    pub reader_token_sha256: Vec<String>,
+    /// Serve plaintext on a non-loopback address (refused otherwise). A switch, as above.
+    #[arg(long, env = "CUSTODY_INSECURE", help_heading = "TLS and access control")]
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// What `custody serve` runs with, every setting decided.
@@ -145,6 +182,15 @@ impl ServeSettings {
                 .or(lower.max_in_flight_per_stream),
             metrics_listen: self.metrics_listen.or(lower.metrics_listen),
             log_format: self.log_format.or(lower.log_format),
+            tls_cert: self.tls_cert.or(lower.tls_cert),
+            tls_key: self.tls_key.or(lower.tls_key),
+            client_ca: self.client_ca.or(lower.client_ca),
+            require_client_cert: self.require_client_cert || lower.require_client_cert,
+            writers_need_client_cert: self.writers_need_client_cert
+                || lower.writers_need_client_cert,
+            reader_subjects: non_empty_or(self.reader_subjects, lower.reader_subjects),
+            reader_token_sha256: non_empty_or(self.reader_token_sha256, lower.reader_token_sha256),
+            insecure: self.insecure || lower.insecure,
         }
     }
 
@@ -201,6 +247,28 @@ impl ServeSettings {
             )?,
         };
         config.metrics_listen = self.metrics_listen;
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            _ => return Err(invalid("tls_cert", "tls_cert and tls_key go together")),
+        };
+        let token_sha256 = self
+            .reader_token_sha256
+            .iter()
+            .map(|digest| crate::access::parse_token_sha256(digest))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|message| invalid("reader_token_sha256", &message))?;
+        config.security = Security {
+            tls,
+            client_ca: self.client_ca,
+            require_client_cert: self.require_client_cert,
+            writers_need_client_cert: self.writers_need_client_cert,
+            readers: ReaderAllowList {
+                subjects: self.reader_subjects,
+                token_sha256,
+            },
+            insecure: self.insecure,
+        };
         let listen = match self.listen {
             Some(listen) => listen,
             None => server::DEFAULT_LISTEN
@@ -212,6 +280,15 @@ impl ServeSettings {
             listen,
             log_format: self.log_format.unwrap_or(LogFormat::Text),
         })
+    }
+}
+
+/// A list from a higher source replaces the lower one whole; an empty one leaves it.
+fn non_empty_or<T>(higher: Vec<T>, lower: Vec<T>) -> Vec<T> {
+    if higher.is_empty() {
+        lower
+    } else {
+        higher
     }
 }
 

@@ -5,6 +5,7 @@
 
 use tonic::{Code, Status};
 
+use crate::access::Denied;
 use crate::merkle::ProofError;
 use crate::proto::ReceiptError;
 use crate::store::StoreError;
@@ -73,9 +74,33 @@ pub fn receipt_error(status: &Status) -> ReceiptError {
     }
 }
 
+/// A call refused by access control: no usable credential is `UNAUTHENTICATED`, a credential
+/// that is not allowed `PERMISSION_DENIED`.
+pub fn access(denied: Denied) -> Status {
+    let code = match denied {
+        Denied::NoReaderCredential
+        | Denied::MalformedAuthorization
+        | Denied::NoWriterCertificate => Code::Unauthenticated,
+        Denied::ReaderNotAllowed => Code::PermissionDenied,
+    };
+    Status::new(code, denied.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn access_refusals_map_to_contract_codes() {
+        for (denied, code) in [
+            (Denied::NoReaderCredential, Code::Unauthenticated),
+            (Denied::MalformedAuthorization, Code::Unauthenticated),
+            (Denied::NoWriterCertificate, Code::Unauthenticated),
+            (Denied::ReaderNotAllowed, Code::PermissionDenied),
+        ] {
+            assert_eq!(access(denied).code(), code, "{denied}");
+        }
+    }
 
     #[test]
     fn refusals_map_to_contract_codes() {

@@ -16,6 +16,8 @@
 //! - `trust`: verdicts over the wire, revocation, who may revoke, trace bundles verified offline.
 //! - `watch`: existing entries, then live ones.
 //! - `server`: gRPC health and reflection.
+//! - `tls`: TLS with generated certificates, client certificates, reader and writer access
+//!   control, the plaintext-on-loopback rule.
 
 mod audit;
 mod binary;
@@ -27,6 +29,7 @@ mod proofs;
 mod query;
 mod server;
 mod support;
+mod tls;
 mod trust;
 mod watch;
 mod write;
