@@ -8,7 +8,7 @@
 //! 2. [`Ledger::judge`], in order, checks each event's shape, recognises an exact retry, finds
 //!    its key and verifies its signature (unless stage 1 already did under that very key),
 //!    checks the clock, authorizes the signer and evaluates it against the state before it:
-//!    the committed store, then the batches judged but not yet written ([`InFlight`]), then
+//!    the committed store, then the batches judged but not yet durable ([`InFlight`]), then
 //!    the batch so far. The accepted events become entries, and one checkpoint is signed over
 //!    the tree that includes them. A refused event writes nothing and does not disturb the
 //!    others.
@@ -794,7 +794,7 @@ impl Uncommitted {
 }
 
 /// The judge stage's memory of batches it has judged that the store may not have yet (at
-/// most the few batches between the judge and the writer). Owned by the one thread that
+/// most the few batches between the judge and the finish stage). Owned by the one thread that
 /// judges.
 #[derive(Default)]
 pub struct InFlight {

@@ -5,7 +5,7 @@
 //! | `custody_appended_total` | counter | events appended (new entries) |
 //! | `custody_duplicates_total` | counter | exact retries answered with the original receipt |
 //! | `custody_refused_total{reason}` | counter | events refused, by [`Refusal::code`] |
-//! | `custody_failed_total` | counter | events not answered because of a storage failure or shutdown |
+//! | `custody_failed_total` | counter | queued events answered with an error because a storage failure (or a panic) stopped their batch |
 //! | `custody_batch_events` | histogram | events per group-commit batch |
 //! | `custody_stage_seconds{stage}` | histogram | time per batch in each pipeline stage (`verify`: batch signature verification; `judge`; `apply`; `finish`: the flush, i.e. `fsync`) |
 //! | `custody_tree_size` | gauge | entries under the newest published checkpoint |
@@ -92,7 +92,7 @@ impl Metrics {
         );
         registry.register(
             "failed",
-            "Events not answered because of a storage failure or shutdown",
+            "Queued events answered with an error because a storage failure stopped their batch",
             metrics.failed.clone(),
         );
         registry.register(
@@ -161,7 +161,7 @@ impl Metrics {
             .inc();
     }
 
-    /// `events` events got no answer but an error (storage failure, shutdown).
+    /// `events` queued events got an error instead of an answer (storage failure, panic).
     pub fn failed(&self, events: usize) {
         self.failed.inc_by(events as u64);
     }
@@ -220,7 +220,9 @@ pub async fn serve(
                         .body(Full::new(Bytes::from(body)))
                 }
             });
+            // One response per connection: no idle connection outlives its scrape.
             if let Err(error) = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await
             {

@@ -280,15 +280,24 @@ pub async fn run(
     let transport = config
         .security
         .load(listener.local_addr().map_err(listen_error)?)?;
-    serve_ledger(listener, ledger, &config, Health::new(), &transport, shutdown).await
+    serve_ledger(
+        listener,
+        ledger,
+        &config,
+        Health::new(),
+        &transport,
+        shutdown,
+    )
+    .await
 }
 
 /// Binds nothing itself: serves gRPC health on `listener` at once, reporting NOT_SERVING while
-/// `open` opens (or creates) the ledger on a blocking thread, then serves everything as
+/// the ledger in `config.data_dir` is opened (or created) on a blocking thread, then serves everything as
 /// [`run`] does (TLS for the health server too; a bad setting or file is an error before
 /// anything is served). `opened` is told the ledger
 /// and what happened while opening (e.g. to log it). A `shutdown` while the ledger is
-/// still opening returns once the opening has finished, without serving it.
+/// still opening returns once the opening has finished, without serving it. Other calls
+/// during the opening get `UNIMPLEMENTED` (only health is served then).
 pub async fn open_and_run(
     listener: TcpListener,
     config: Config,
@@ -316,18 +325,27 @@ pub async fn open_and_run(
             }),
     );
     let open_config = config.clone();
-    let opening = tokio::task::spawn_blocking(move || open_ledger(&open_config));
+    let mut opening = tokio::task::spawn_blocking(move || open_ledger(&open_config));
     let mut shutdown = std::pin::pin!(shutdown);
-    let opening = tokio::select! {
-        opening = opening => Some(opening),
+    let opened_now = tokio::select! {
+        opened = &mut opening => Some(opened),
         () = &mut shutdown => None,
     };
     let _ = opened_tx.send(());
-    if let Ok(Err(error)) = health_only.await {
-        tracing::warn!(%error, "health server during startup");
+    // The health-only server stops accepting at once, but a client may hold a health `Watch`
+    // stream open on it for ever: give its calls a moment, then leave them (the shared
+    // reporter keeps them up to date) rather than never serving the ledger.
+    match tokio::time::timeout(Duration::from_secs(1), health_only).await {
+        Ok(Ok(Err(error))) => tracing::warn!(%error, "health server during startup"),
+        Ok(_) => {}
+        Err(_) => tracing::debug!("health calls from startup still open; left running"),
     }
-    let Some(opening) = opening else {
-        tracing::info!("shutdown requested while the ledger was opening");
+    let Some(opening) = opened_now else {
+        tracing::info!("shutdown requested while the ledger was opening; waiting for it to open");
+        // The opening writes keys and the genesis: let it finish before returning.
+        if let Ok(Err(error)) = opening.await {
+            tracing::warn!(%error, "opening the ledger failed during shutdown");
+        }
         return Ok(());
     };
     let (ledger, startup) = opening.map_err(|join_error| {
@@ -409,8 +427,15 @@ async fn serve_ledger(
         None => None,
     };
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+    let draining_reporter = health.reporter.clone();
     let shutdown = async move {
         shutdown.await;
+        // Load balancers stop sending here while open calls drain.
+        for name in ["", LEDGER_SERVICE, AUDIT_SERVICE] {
+            draining_reporter
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
         closing_tx.send_replace(true);
         let _ = draining_tx.send(());
     };
@@ -457,8 +482,11 @@ async fn serve_ledger(
             ))
             .serve_with_incoming_shutdown(incoming, shutdown),
     );
-    // Once shutdown starts, open calls get `drain_timeout` to finish; then their connections
-    // are dropped (a receipt not yet sent is lost to its client, never its durability).
+    // Once shutdown starts, open calls get `drain_timeout` to finish; then the server stops
+    // waiting for them (a receipt not yet sent is lost to its client, never its durability).
+    // tonic runs each connection in its own task: in the binary they end with the runtime
+    // when `main` returns; a library caller that keeps its runtime keeps them until their
+    // clients hang up.
     let deadline = async {
         if draining_rx.await.is_ok() {
             tokio::time::sleep(drain_timeout).await;

@@ -88,38 +88,77 @@ pub struct ServeSettings {
     #[arg(long, env = "CUSTODY_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
     /// Serve TLS with this PEM certificate chain (leaf first); needs --tls-key.
-    #[arg(long, env = "CUSTODY_TLS_CERT", value_name = "PEM", help_heading = "TLS and access control")]
+    #[arg(
+        long,
+        env = "CUSTODY_TLS_CERT",
+        value_name = "PEM",
+        help_heading = "TLS and access control"
+    )]
     pub tls_cert: Option<PathBuf>,
     /// The PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert.
-    #[arg(long, env = "CUSTODY_TLS_KEY", value_name = "PEM", help_heading = "TLS and access control")]
+    #[arg(
+        long,
+        env = "CUSTODY_TLS_KEY",
+        value_name = "PEM",
+        help_heading = "TLS and access control"
+    )]
     pub tls_key: Option<PathBuf>,
     /// Verify client certificates against the CA certificate(s) in this PEM file. Clients
     /// may still connect without one unless --require-client-cert.
-    #[arg(long, env = "CUSTODY_CLIENT_CA", value_name = "PEM", help_heading = "TLS and access control")]
+    #[arg(
+        long,
+        env = "CUSTODY_CLIENT_CA",
+        value_name = "PEM",
+        help_heading = "TLS and access control"
+    )]
     pub client_ca: Option<PathBuf>,
     /// Every connection must present a client certificate valid under --client-ca. (A
     /// switch: a flag, variable or file can turn it on, none can turn it off.)
-    #[arg(long, env = "CUSTODY_REQUIRE_CLIENT_CERT", help_heading = "TLS and access control")]
+    #[arg(
+        long,
+        env = "CUSTODY_REQUIRE_CLIENT_CERT",
+        help_heading = "TLS and access control"
+    )]
     #[serde(default)]
     pub require_client_cert: bool,
     /// Calls to the Ledger service (writes) need a client certificate valid under
     /// --client-ca (UNAUTHENTICATED otherwise). A switch, as above.
-    #[arg(long, env = "CUSTODY_WRITERS_NEED_CLIENT_CERT", help_heading = "TLS and access control")]
+    #[arg(
+        long,
+        env = "CUSTODY_WRITERS_NEED_CLIENT_CERT",
+        help_heading = "TLS and access control"
+    )]
     #[serde(default)]
     pub writers_need_client_cert: bool,
     /// Allow Audit (reads) to clients whose certificate subject Common Name is exactly this
     /// (repeatable; the variable takes a comma-separated list). With this or
     /// --reader-token-sha256, Audit answers only allowed readers.
-    #[arg(long = "reader-subject", env = "CUSTODY_READER_SUBJECTS", value_delimiter = ',', value_name = "CN", help_heading = "TLS and access control")]
+    #[arg(
+        long = "reader-subject",
+        env = "CUSTODY_READER_SUBJECTS",
+        value_delimiter = ',',
+        value_name = "CN",
+        help_heading = "TLS and access control"
+    )]
     #[serde(default)]
     pub reader_subjects: Vec<String>,
     /// Allow Audit (reads) to clients sending `authorization: Bearer <token>` whose token's
     /// SHA-256 is this hex digest (repeatable; the variable takes a comma-separated list).
-    #[arg(long = "reader-token-sha256", env = "CUSTODY_READER_TOKEN_SHA256", value_delimiter = ',', value_name = "HEX", help_heading = "TLS and access control")]
+    #[arg(
+        long = "reader-token-sha256",
+        env = "CUSTODY_READER_TOKEN_SHA256",
+        value_delimiter = ',',
+        value_name = "HEX",
+        help_heading = "TLS and access control"
+    )]
     #[serde(default)]
     pub reader_token_sha256: Vec<String>,
     /// Serve plaintext on a non-loopback address (refused otherwise). A switch, as above.
-    #[arg(long, env = "CUSTODY_INSECURE", help_heading = "TLS and access control")]
+    #[arg(
+        long,
+        env = "CUSTODY_INSECURE",
+        help_heading = "TLS and access control"
+    )]
     #[serde(default)]
     pub insecure: bool,
 }
@@ -232,18 +271,25 @@ impl ServeSettings {
             config.drain_timeout = Duration::try_from_secs_f64(seconds)
                 .map_err(|e| invalid("drain_timeout", &format!("{seconds}: {e}")))?;
         }
-        config.max_message_bytes = at_least_one(
+        config.max_message_bytes = in_range(
             "max_message_bytes",
             self.max_message_bytes,
             server::MAX_MESSAGE_BYTES,
+            usize::MAX,
         )?;
         let defaults = StreamLimits::default();
         config.streams = StreamLimits {
-            max_streams: at_least_one("max_streams", self.max_streams, defaults.max_streams)?,
-            max_in_flight_per_stream: at_least_one(
+            max_streams: in_range(
+                "max_streams",
+                self.max_streams,
+                defaults.max_streams,
+                MAX_COUNT_SETTING,
+            )?,
+            max_in_flight_per_stream: in_range(
                 "max_in_flight_per_stream",
                 self.max_in_flight_per_stream,
                 defaults.max_in_flight_per_stream,
+                MAX_COUNT_SETTING,
             )?,
         };
         config.metrics_listen = self.metrics_listen;
@@ -299,13 +345,20 @@ fn invalid(setting: &'static str, message: &str) -> SettingsError {
     }
 }
 
-fn at_least_one(
+/// Largest `max_streams` and `max_in_flight_per_stream` accepted.
+pub const MAX_COUNT_SETTING: usize = 1 << 24;
+
+fn in_range(
     setting: &'static str,
     value: Option<usize>,
     default: usize,
+    max: usize,
 ) -> Result<usize, SettingsError> {
     match value {
-        Some(0) => Err(invalid(setting, "must be at least 1")),
+        Some(value) if value == 0 || value > max => Err(invalid(
+            setting,
+            &format!("{value} is out of range (1 to {max})"),
+        )),
         Some(value) => Ok(value),
         None => Ok(default),
     }
@@ -388,6 +441,11 @@ mod tests {
         }
         for (settings, name) in [
             (file("max_streams = 0"), "max_streams"),
+            (file("max_streams = 4294967296"), "max_streams"),
+            (
+                file("max_in_flight_per_stream = 4294967296"),
+                "max_in_flight_per_stream",
+            ),
             (file("max_message_bytes = 0"), "max_message_bytes"),
             (file("drain_timeout = -1.0"), "drain_timeout"),
             (file("admin_public_key = \"abcd\""), "admin_public_key"),

@@ -33,6 +33,9 @@ pub const MAX_IN_FLIGHT_PER_STREAM: usize = 4096;
 /// connections.
 pub const MAX_STREAMS: usize = 1024;
 
+/// Largest value either [`StreamLimits`] field takes effect with; larger ones are clamped.
+const MAX_COUNT: usize = 1 << 24;
+
 /// What clients may hold open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamLimits {
@@ -64,6 +67,11 @@ pub struct OpenStreams {
 impl OpenStreams {
     /// No stream open yet.
     pub fn new(limits: StreamLimits) -> Self {
+        // Semaphores and channels panic beyond this; no machine holds that many streams.
+        let limits = StreamLimits {
+            max_streams: limits.max_streams.min(MAX_COUNT),
+            max_in_flight_per_stream: limits.max_in_flight_per_stream.clamp(1, MAX_COUNT),
+        };
         Self {
             permits: Arc::new(tokio::sync::Semaphore::new(limits.max_streams)),
             limits,
@@ -142,7 +150,7 @@ impl LedgerRpc for LedgerService {
         let queue = self.queue.clone();
         // Pending replies in submission order; bounded, so a stream cannot queue without limit.
         let (pending_tx, mut pending_rx) =
-            mpsc::channel(self.streams.limits.max_in_flight_per_stream.max(1));
+            mpsc::channel(self.streams.limits.max_in_flight_per_stream);
         let (out_tx, out_rx) = mpsc::channel(STREAM_BUFFER);
         let closing = self.closing.clone();
         // Why the server stopped reading early, if it did: sent after the last receipt.

@@ -2,7 +2,11 @@
 //! key registry and the newest checkpoint, all in one sled tree (layout in [`keys`]).
 //!
 //! Contract: [`Store::commit`] writes a whole batch atomically and returns only after sled
-//! has flushed it to disk; once it returns, the batch survives a crash. If the process dies
+//! has flushed it to disk; once it returns, the batch survives a crash. It is
+//! [`Store::apply`] (atomic, visible to readers at once, not yet durable) followed by
+//! [`Store::flush`] (everything applied so far becomes durable); the server applies a batch
+//! while the one before it is being flushed, and acknowledges a batch only after a flush that
+//! follows its apply. If the process dies
 //! before it returns, recovery shows the store as it was before the batch (sled applies a
 //! batch atomically), never half of it. [`Store::open`] checks the tail of the log against
 //! the newest checkpoint before the ledger serves anything.

@@ -57,8 +57,13 @@ async fn watch_replays_existing_entries_then_follows_new_ones() {
 #[tokio::test]
 async fn shutdown_ends_open_watch_and_append_streams() {
     // Regression: a server with an open Watch (or a client's idle AppendStream) never finished
-    // its graceful shutdown.
-    let ledger = TestLedger::start().await;
+    // its graceful shutdown. The drain deadline is set far beyond the test's timeout, so only
+    // the streams ending on their own can let the server stop in time.
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = TestLedger::start_configured(dir, |config| {
+        config.drain_timeout = Duration::from_secs(600);
+    })
+    .await;
     let mut watch = ledger
         .audit()
         .await
