@@ -24,10 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use custody::checkpoint::{self, LedgerVerifier};
-use custody::merkle::{self, Hash};
+use custody::merkle;
 use custody::proto::{
-    audit_client::AuditClient, ledger_client::LedgerClient, ConsistencyProofRequest,
-    GetCheckpointRequest, Role,
+    audit_client::AuditClient, ledger_client::LedgerClient, GetCheckpointRequest, Role,
 };
 use ed25519_dalek::SigningKey;
 use tokio_stream::StreamExt as _;
@@ -237,13 +236,6 @@ fn read_verifier(data: &Path) -> LedgerVerifier {
     LedgerVerifier::parse(key.trim()).unwrap()
 }
 
-fn hashes(bytes: &[Vec<u8>]) -> Vec<Hash> {
-    bytes
-        .iter()
-        .map(|b| merkle::hash_from_slice(b).unwrap())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_entries_survive_repeated_sigkill() {
     let seed = std::env::var("CUSTODY_CRASH_SEED")
@@ -319,16 +311,9 @@ async fn acknowledged_entries_survive_repeated_sigkill() {
             assert_eq!(old.root(), last.root(), "two roots for one tree size");
             continue;
         }
-        let proof = audit
-            .get_consistency_proof(ConsistencyProofRequest {
-                old_size: old.tree_size(),
-                new_size: last.tree_size(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let proof = consistency_proof(&mut audit, &old, &last).await;
         merkle::verify_consistency(
-            &hashes(&proof.hashes),
+            &proof,
             old.tree_size(),
             old.root(),
             last.tree_size(),

@@ -2,7 +2,7 @@
 //! ones, using only the pure core (`checkpoint::open`, `merkle::verify_*`).
 
 use custody::checkpoint::{self, LedgerVerifier, VerifiedCheckpoint};
-use custody::merkle::{self, Hash};
+use custody::merkle;
 use custody::proto::{
     ConsistencyProofRequest, GetEntriesRequest, GetEntryRequest, InclusionProofRequest, Receipt,
     Role, WatchRequest,
@@ -10,13 +10,6 @@ use custody::proto::{
 use tonic::Code;
 
 use crate::support::*;
-
-fn hashes(bytes: &[Vec<u8>]) -> Vec<Hash> {
-    bytes
-        .iter()
-        .map(|b| merkle::hash_from_slice(b).unwrap())
-        .collect()
-}
 
 async fn append_many(ledger: &TestLedger, count: usize) -> Vec<Receipt> {
     let issuer = key(2);
@@ -114,16 +107,9 @@ async fn every_receipt_is_included_in_its_checkpoint_and_checkpoints_are_consist
     let late = checkpoints.last().unwrap();
     assert!(early.tree_size() < late.tree_size());
     for old in [early, &checkpoints[checkpoints.len() / 2]] {
-        let proof = audit
-            .get_consistency_proof(ConsistencyProofRequest {
-                old_size: old.tree_size(),
-                new_size: late.tree_size(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let proof = consistency_proof(&mut audit, old, late).await;
         merkle::verify_consistency(
-            &hashes(&proof.hashes),
+            &proof,
             old.tree_size(),
             old.root(),
             late.tree_size(),
@@ -133,7 +119,7 @@ async fn every_receipt_is_included_in_its_checkpoint_and_checkpoints_are_consist
         let mut forged = old.root();
         forged.0[0] ^= 1;
         assert!(merkle::verify_consistency(
-            &hashes(&proof.hashes),
+            &proof,
             old.tree_size(),
             forged,
             late.tree_size(),

@@ -345,6 +345,31 @@ pub async fn health_status(url: &str, service: &str) -> Option<i32> {
     Some(response.into_inner().status)
 }
 
+/// Proof hashes as received over the wire.
+pub fn hashes(bytes: &[Vec<u8>]) -> Vec<custody::merkle::Hash> {
+    bytes
+        .iter()
+        .map(|b| custody::merkle::hash_from_slice(b).unwrap())
+        .collect()
+}
+
+/// The consistency proof from `old` to `new`, fetched and parsed.
+pub async fn consistency_proof(
+    audit: &mut AuditClient<Channel>,
+    old: &custody::checkpoint::VerifiedCheckpoint,
+    new: &custody::checkpoint::VerifiedCheckpoint,
+) -> Vec<custody::merkle::Hash> {
+    let proof = audit
+        .get_consistency_proof(custody::proto::ConsistencyProofRequest {
+            old_size: old.tree_size(),
+            new_size: new.tree_size(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    hashes(&proof.hashes)
+}
+
 /// Runs the real `custody` binary with `args`.
 pub async fn run_cli(args: Vec<String>) -> std::process::Output {
     tokio::task::spawn_blocking(move || {
