@@ -255,6 +255,13 @@ impl DiskState {
         Self::with_sizes(WRITE_BUFFER, CACHE_BYTES)
     }
 
+    /// An empty state that caches at most about `cache_bytes` of decoded records (the rest
+    /// is read back from the file): for memory-constrained runs, and for tests that make the
+    /// cache evict.
+    pub fn with_cache_bytes(cache_bytes: usize) -> std::io::Result<Self> {
+        Self::with_sizes(WRITE_BUFFER, cache_bytes)
+    }
+
     /// An empty state appending through a `buffer`-byte buffer, caching at most about
     /// `cache_bytes` of decoded records.
     fn with_sizes(buffer: usize, cache_bytes: usize) -> std::io::Result<Self> {

@@ -7,7 +7,9 @@
 //! 4. the built-in default.
 //!
 //! The TOML keys are the flag names with `_` for `-`; an unknown key or a value of the wrong
-//! type is an error naming the file, never ignored. Example:
+//! type is an error naming the file, never ignored. Relative paths in the file are taken
+//! from the working directory of `custody serve`, as on the command line, not from the
+//! file's directory. Example:
 //!
 //! ```toml
 //! data_dir = "/var/lib/custody"

@@ -143,6 +143,18 @@ async fn exports_verify_and_every_kind_of_tampering_fails() {
     .unwrap()
     .unwrap();
     assert_eq!(on_disk, report);
+    // So does one whose record cache holds almost nothing: every lookup past the newest few
+    // records goes back to the file.
+    let evicting = custody::verify::verify_export_with(
+        bytes.as_slice(),
+        &key,
+        None,
+        custody::scratch::DiskState::with_cache_bytes(512).unwrap(),
+        |_, _| {},
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(evicting, report);
 
     // 500+ single-byte flips spread over the whole file, each caught.
     let positions: Vec<usize> = (0..520).map(|i| i * (bytes.len() - 1) / 519).collect();
