@@ -29,6 +29,7 @@ use crate::envelope;
 use crate::ledger::{GenesisParams, Ledger, LedgerError};
 use crate::metrics::Metrics;
 use crate::proto::{audit_server::AuditServer, ledger_server::LedgerServer};
+use crate::service::opening::Opening;
 use crate::service::{
     closed, AuditService, CommitQueue, LedgerService, OpenStreams, QueueLimits, StreamLimits,
 };
@@ -297,7 +298,7 @@ pub async fn run(
 /// anything is served). `opened` is told the ledger
 /// and what happened while opening (e.g. to log it). A `shutdown` while the ledger is
 /// still opening returns once the opening has finished, without serving it. Other calls
-/// during the opening get `UNIMPLEMENTED` (only health is served then).
+/// during the opening get `UNAVAILABLE` ("the ledger is opening"), which clients retry.
 pub async fn open_and_run(
     listener: TcpListener,
     config: Config,
@@ -320,6 +321,8 @@ pub async fn open_and_run(
         transport
             .server_builder()
             .add_service(health.service.clone())
+            .add_service(LedgerServer::new(Opening))
+            .add_service(AuditServer::new(Opening))
             .serve_with_incoming_shutdown(TcpIncoming::from(opening_listener), async {
                 let _ = opened_rx.await;
             }),

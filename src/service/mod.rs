@@ -3,6 +3,7 @@
 //! a status in [`status`].
 
 pub mod commit_queue;
+pub mod opening;
 pub mod read;
 pub mod status;
 

@@ -61,6 +61,11 @@ pub fn too_many_streams(limit: usize) -> Status {
     ))
 }
 
+/// The ledger is still opening (or rebuilding); retry shortly.
+pub fn opening() -> Status {
+    Status::unavailable("the ledger is opening; retry shortly")
+}
+
 /// The ledger is shutting down or its commit task stopped.
 pub fn unavailable() -> Status {
     Status::unavailable("the ledger is shutting down")

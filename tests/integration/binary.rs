@@ -459,15 +459,21 @@ async fn health_is_not_serving_until_the_ledger_is_open() {
         .into_inner();
     let first_status = watch.next().await.unwrap().unwrap().status;
     assert_eq!(first_status, ServingStatus::NotServing as i32);
-    assert!(
-        AuditClient::connect(second.url.clone())
-            .await
-            .unwrap()
-            .get_checkpoint(GetCheckpointRequest {})
-            .await
-            .is_err(),
-        "the ledger answered before it was open"
-    );
+    // Calls before the ledger is open are told to retry.
+    let early = AuditClient::connect(second.url.clone())
+        .await
+        .unwrap()
+        .get_checkpoint(GetCheckpointRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(early.code(), tonic::Code::Unavailable, "{early:?}");
+    let early = LedgerClient::connect(second.url.clone())
+        .await
+        .unwrap()
+        .append(sign(&key(1), &consent("early", "c-early", "alice")))
+        .await
+        .unwrap_err();
+    assert_eq!(early.code(), tonic::Code::Unavailable, "{early:?}");
     first.terminate();
     second.wait_for_health(ServingStatus::Serving).await;
     let seen = tokio::time::timeout(Duration::from_secs(30), watch.next())
