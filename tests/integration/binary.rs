@@ -188,6 +188,16 @@ impl Server {
     }
 }
 
+/// A test that fails midway must not leave its server running.
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn issuer(client: u8) -> SigningKey {
     key(2 + client)
 }
