@@ -67,8 +67,8 @@ impl Default for Metrics {
 impl Metrics {
     /// All metrics at zero.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("custody");
-        let metrics = Self {
+        let mut metrics = Self {
+            registry: Registry::with_prefix("custody"),
             appended: Counter::default(),
             duplicates: Counter::default(),
             failed: Counter::default(),
@@ -78,57 +78,53 @@ impl Metrics {
             tree_size: Gauge::default(),
             open_streams: Gauge::default(),
             stopped: Gauge::default(),
-            registry: Registry::default(),
         };
-        registry.register(
+        metrics.registry.register(
             "appended",
             "Events appended as new entries",
             metrics.appended.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "duplicates",
             "Exact retries answered with the original receipt",
             metrics.duplicates.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "failed",
             "Queued events answered with an error because a storage failure stopped their batch",
             metrics.failed.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "refused",
             "Events refused, by reason",
             metrics.refused.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "batch_events",
             "Events per group-commit batch",
             metrics.batch_events.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "stage_seconds",
             "Seconds per batch in each append stage (finish is the flush)",
             metrics.stage_seconds.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "tree_size",
             "Entries under the newest published checkpoint",
             metrics.tree_size.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "open_streams",
             "Open AppendStream, Watch and GetEntries calls",
             metrics.open_streams.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "appends_stopped",
             "1 once a storage failure stopped appends",
             metrics.stopped.clone(),
         );
-        Self {
-            registry,
-            ..metrics
-        }
+        metrics
     }
 
     /// One batch passed `stage` in `seconds`.

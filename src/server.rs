@@ -309,7 +309,7 @@ pub async fn open_and_run(
         .security
         .load(listener.local_addr().map_err(listen_error)?)?;
     let health = Health::new();
-    health.set_all(ServingStatus::NotServing).await;
+    set_all(&health.reporter, ServingStatus::NotServing).await;
     // Two handles on one socket: the health-only server accepts on the first while the ledger
     // opens; the full server accepts on the second. Connections waiting in the backlog at the
     // hand-over are accepted by the full server.
@@ -382,12 +382,12 @@ impl Health {
             service: tonic_health::pb::health_server::HealthServer::new(service),
         }
     }
+}
 
-    /// Sets the status of the server as a whole (`""`) and of both services.
-    async fn set_all(&self, status: ServingStatus) {
-        for name in ["", LEDGER_SERVICE, AUDIT_SERVICE] {
-            self.reporter.set_service_status(name, status).await;
-        }
+/// Sets what health reports for the server as a whole (`""`) and for both services.
+async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
+    for name in ["", LEDGER_SERVICE, AUDIT_SERVICE] {
+        reporter.set_service_status(name, status).await;
     }
 }
 
@@ -434,26 +434,18 @@ async fn serve_ledger(
     let shutdown = async move {
         shutdown.await;
         // Load balancers stop sending here while open calls drain.
-        for name in ["", LEDGER_SERVICE, AUDIT_SERVICE] {
-            draining_reporter
-                .set_service_status(name, ServingStatus::NotServing)
-                .await;
-        }
+        set_all(&draining_reporter, ServingStatus::NotServing).await;
         closing_tx.send_replace(true);
         let _ = draining_tx.send(());
     };
-    health.set_all(ServingStatus::Serving).await;
+    set_all(&health.reporter, ServingStatus::Serving).await;
     // After a storage failure the ledger refuses appends until restarted: say so.
     let mut stopped = ledger.stopped();
     let reporter = health.reporter.clone();
     let watch_failure = tokio::spawn(async move {
         if stopped.wait_for(|stopped| *stopped).await.is_ok() {
             tracing::error!("appends stopped after a storage failure; health is NOT_SERVING");
-            for name in ["", LEDGER_SERVICE, AUDIT_SERVICE] {
-                reporter
-                    .set_service_status(name, ServingStatus::NotServing)
-                    .await;
-            }
+            set_all(&reporter, ServingStatus::NotServing).await;
         }
     });
     let reflection_v1 = tonic_reflection::server::Builder::configure()
