@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use crate::access::ReaderAllowList;
 use crate::server::{self, Config};
-use crate::service::StreamLimits;
+use crate::service::{StreamLimits, MAX_STREAM_COUNT};
 use crate::tls::{Security, TlsFiles};
 
 /// How `custody serve` writes its log.
@@ -285,13 +285,13 @@ impl ServeSettings {
                 "max_streams",
                 self.max_streams,
                 defaults.max_streams,
-                MAX_COUNT_SETTING,
+                MAX_STREAM_COUNT,
             )?,
             max_in_flight_per_stream: in_range(
                 "max_in_flight_per_stream",
                 self.max_in_flight_per_stream,
                 defaults.max_in_flight_per_stream,
-                MAX_COUNT_SETTING,
+                MAX_STREAM_COUNT,
             )?,
         };
         config.metrics_listen = self.metrics_listen;
@@ -347,9 +347,6 @@ fn invalid(setting: &'static str, message: &str) -> SettingsError {
     }
 }
 
-/// Largest `max_streams` and `max_in_flight_per_stream` accepted.
-pub const MAX_COUNT_SETTING: usize = 1 << 24;
-
 fn in_range(
     setting: &'static str,
     value: Option<usize>,
@@ -366,11 +363,14 @@ fn in_range(
     }
 }
 
+/// A hex Ed25519 public key, checked as every key is ([`crate::envelope::parse_public_key`]:
+/// 32 bytes, a curve point, not weak).
 fn parse_public_key(hex_key: &str) -> Result<[u8; 32], SettingsError> {
-    hex::decode(hex_key.trim())
-        .ok()
-        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
-        .ok_or_else(|| invalid("admin_public_key", "must be 32 bytes of hex"))
+    let bytes = hex::decode(hex_key.trim())
+        .map_err(|e| invalid("admin_public_key", &format!("not hex: {e}")))?;
+    crate::envelope::parse_public_key(&bytes)
+        .map(|key| key.to_bytes())
+        .map_err(|e| invalid("admin_public_key", &e.to_string()))
 }
 
 #[cfg(test)]
@@ -451,6 +451,11 @@ mod tests {
             (file("max_message_bytes = 0"), "max_message_bytes"),
             (file("drain_timeout = -1.0"), "drain_timeout"),
             (file("admin_public_key = \"abcd\""), "admin_public_key"),
+            // The identity point: 32 bytes of hex, but a weak key.
+            (
+                file(&format!("admin_public_key = \"01{}\"", "00".repeat(31))),
+                "admin_public_key",
+            ),
             (file("max_clock_skew_ms = -5"), "max_clock_skew_ms"),
         ] {
             let error = settings.with_defaults().unwrap_err();

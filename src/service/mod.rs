@@ -34,8 +34,9 @@ pub const MAX_IN_FLIGHT_PER_STREAM: usize = 4096;
 /// connections.
 pub const MAX_STREAMS: usize = 1024;
 
-/// Largest value either [`StreamLimits`] field takes effect with; larger ones are clamped.
-const MAX_COUNT: usize = 1 << 24;
+/// Largest value either [`StreamLimits`] field takes effect with; larger ones are clamped
+/// (and refused by `custody serve`'s settings).
+pub const MAX_STREAM_COUNT: usize = 1 << 24;
 
 /// What clients may hold open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,8 +71,8 @@ impl OpenStreams {
     pub fn new(limits: StreamLimits) -> Self {
         // Semaphores and channels panic beyond this; no machine holds that many streams.
         let limits = StreamLimits {
-            max_streams: limits.max_streams.min(MAX_COUNT),
-            max_in_flight_per_stream: limits.max_in_flight_per_stream.clamp(1, MAX_COUNT),
+            max_streams: limits.max_streams.min(MAX_STREAM_COUNT),
+            max_in_flight_per_stream: limits.max_in_flight_per_stream.clamp(1, MAX_STREAM_COUNT),
         };
         Self {
             permits: Arc::new(tokio::sync::Semaphore::new(limits.max_streams)),
