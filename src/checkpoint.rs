@@ -6,8 +6,13 @@
 //! ```
 //!
 //! The note key name equals the origin. A verifier is given the key as a C2SP verifier key
-//! string `<origin>+<key hash hex>+<base64(0x01 || public key)>`; [`open`] is the only way to
-//! obtain a [`VerifiedCheckpoint`] ("parse, don't validate").
+//! string `<origin>+<key hash hex>+<base64(0x01 || public key)>`; checking signatures
+//! ([`open`], or [`parse`] then [`CheckpointNote::verify`]) is the only way to obtain a
+//! [`VerifiedCheckpoint`] ("parse, don't validate").
+//!
+//! While the ledger key is being rotated a note carries one signature line per ledger key
+//! (the current key, then the next), all under the same name; a verifier that knows either
+//! key opens it.
 //!
 //! Pure: no I/O, no async. Shared by the server and the offline verifier.
 
@@ -44,6 +49,9 @@ pub enum CheckpointError {
     /// The body's origin differs from the trusted key's name.
     #[error("checkpoint origin {found:?} differs from the key's {expected:?}")]
     OriginMismatch { expected: String, found: String },
+    /// The note lacks the signature of a key that must sign it.
+    #[error("checkpoint is not signed by ledger key {0}")]
+    MissingSignature(String),
 }
 
 /// The checkpoint body: origin, tree size and root hash, one per line.
@@ -70,24 +78,53 @@ pub fn validate_origin(origin: &str) -> Result<(), CheckpointError> {
     }
 }
 
-/// The ledger's checkpoint signer: an Ed25519 key and the origin it signs for.
-pub struct CheckpointSigner {
-    origin: String,
+/// One key of a [`CheckpointSigner`] and its note key hash.
+struct NoteKey {
     note_key_id: u32,
     signing_key: SigningKey,
+}
+
+/// The ledger's checkpoint signer: the origin it signs for and its Ed25519 keys (one, or two
+/// while the ledger key is being rotated), each of which signs every note.
+pub struct CheckpointSigner {
+    origin: String,
+    keys: Vec<NoteKey>,
 }
 
 impl CheckpointSigner {
     /// A signer for `origin` with `signing_key`.
     pub fn new(origin: &str, signing_key: SigningKey) -> Result<Self, CheckpointError> {
         validate_origin(origin)?;
-        let note_key_id =
-            signed_note::key_id(origin, &encoded_public_key(&signing_key.verifying_key()));
-        Ok(Self {
+        let mut signer = Self {
             origin: origin.to_owned(),
+            keys: Vec::with_capacity(2),
+        };
+        signer.add_key(signing_key);
+        Ok(signer)
+    }
+
+    /// The same signer with `next` signing every note too, after the keys it has (a ledger
+    /// key rotation under way). A key it already has is not added twice.
+    pub fn with_next(mut self, next: SigningKey) -> Self {
+        if !self
+            .keys
+            .iter()
+            .any(|k| k.signing_key.verifying_key() == next.verifying_key())
+        {
+            self.add_key(next);
+        }
+        self
+    }
+
+    fn add_key(&mut self, signing_key: SigningKey) {
+        let note_key_id = signed_note::key_id(
+            &self.origin,
+            &encoded_public_key(&signing_key.verifying_key()),
+        );
+        self.keys.push(NoteKey {
             note_key_id,
             signing_key,
-        })
+        });
     }
 
     /// The origin (and note key name).
@@ -95,24 +132,50 @@ impl CheckpointSigner {
         &self.origin
     }
 
-    /// The C2SP verifier key string an auditor is given.
+    /// The C2SP verifier key string of the first key (the current ledger key).
     pub fn verifier_key(&self) -> String {
-        signed_note::new_ed25519_verifier_key(&self.origin, &self.signing_key.verifying_key())
+        verifier_key_string(&self.origin, &self.keys[0].signing_key.verifying_key())
     }
 
-    /// Signs the checkpoint of a tree and returns the whole signed note.
-    pub fn sign(&self, tree_size: u64, root: &Hash) -> String {
-        let text = body(&self.origin, tree_size, root);
-        let signature = self.signing_key.sign(text.as_bytes());
-        let mut sig_bytes = self.note_key_id.to_be_bytes().to_vec();
-        sig_bytes.extend_from_slice(&signature.to_bytes());
-        use base64::Engine as _;
-        format!(
-            "{text}\n\u{2014} {} {}\n",
-            self.origin,
-            base64::engine::general_purpose::STANDARD.encode(sig_bytes)
-        )
+    /// The C2SP verifier key strings of every key, in signing order.
+    pub fn verifier_keys(&self) -> Vec<String> {
+        self.keys
+            .iter()
+            .map(|k| verifier_key_string(&self.origin, &k.signing_key.verifying_key()))
+            .collect()
     }
+
+    /// The public keys, in signing order.
+    pub fn public_keys(&self) -> Vec<[u8; 32]> {
+        self.keys
+            .iter()
+            .map(|k| k.signing_key.verifying_key().to_bytes())
+            .collect()
+    }
+
+    /// Signs the checkpoint of a tree with every key and returns the whole signed note.
+    pub fn sign(&self, tree_size: u64, root: &Hash) -> String {
+        use base64::Engine as _;
+        let mut note = body(&self.origin, tree_size, root);
+        let text_len = note.len();
+        note.push('\n');
+        for key in &self.keys {
+            let signature = key.signing_key.sign(&note.as_bytes()[..text_len]);
+            let mut sig_bytes = key.note_key_id.to_be_bytes().to_vec();
+            sig_bytes.extend_from_slice(&signature.to_bytes());
+            note.push_str(&format!(
+                "\u{2014} {} {}\n",
+                self.origin,
+                base64::engine::general_purpose::STANDARD.encode(sig_bytes)
+            ));
+        }
+        note
+    }
+}
+
+/// The C2SP verifier key string of an Ed25519 key under `name`.
+fn verifier_key_string(name: &str, key: &VerifyingKey) -> String {
+    signed_note::new_ed25519_verifier_key(name, key)
 }
 
 /// A trusted ledger key, parsed from a C2SP verifier key string.
@@ -152,6 +215,14 @@ impl LedgerVerifier {
             key_string: key_string.to_owned(),
             public_key,
         })
+    }
+
+    /// The verifier of Ed25519 `public_key` under the name `origin`.
+    pub fn from_public_key(origin: &str, public_key: &[u8; 32]) -> Result<Self, CheckpointError> {
+        validate_origin(origin)?;
+        let key = VerifyingKey::from_bytes(public_key)
+            .map_err(|_| CheckpointError::MalformedVerifierKey("not an Ed25519 key".into()))?;
+        Self::parse(&verifier_key_string(origin, &key))
     }
 
     /// The key name, which is the ledger's origin.
@@ -198,28 +269,94 @@ impl VerifiedCheckpoint {
     }
 }
 
-/// Parses a signed checkpoint note and verifies its signature by `key`.
+/// Parses a signed checkpoint note and verifies its signature by `key` (other signatures
+/// are ignored).
 pub fn open(note: &str, key: &LedgerVerifier) -> Result<VerifiedCheckpoint, CheckpointError> {
+    parse(note)?.verify(std::slice::from_ref(key))
+}
+
+/// Parses a signed checkpoint note without checking any signature yet.
+pub fn parse(note: &str) -> Result<CheckpointNote, CheckpointError> {
     let parsed = Note::from_bytes(note.as_bytes()).map_err(|_| CheckpointError::MalformedNote)?;
-    let verifiers = VerifierList::new(vec![Box::new(key.inner.clone())]);
-    parsed.verify(&verifiers).map_err(|e| match e {
-        signed_note::NoteError::InvalidSignature { .. } => CheckpointError::BadSignature,
-        _ => CheckpointError::NotSignedByKey,
-    })?;
-    let checkpoint = tlog_tiles::Checkpoint::from_bytes(parsed.text())
-        .map_err(|_| CheckpointError::MalformedBody)?;
-    if checkpoint.origin() != key.origin() {
-        return Err(CheckpointError::OriginMismatch {
-            expected: key.origin().to_owned(),
-            found: checkpoint.origin().to_owned(),
-        });
-    }
-    Ok(VerifiedCheckpoint {
-        origin: checkpoint.origin().to_owned(),
-        tree_size: checkpoint.size(),
-        root: *checkpoint.hash(),
+    Ok(CheckpointNote {
+        parsed,
         note: note.to_owned(),
     })
+}
+
+/// A well-formed signed note whose signatures have not been checked: nothing it says is
+/// trusted until [`verify`](Self::verify) returns a [`VerifiedCheckpoint`].
+#[derive(Debug)]
+pub struct CheckpointNote {
+    parsed: Note,
+    note: String,
+}
+
+impl CheckpointNote {
+    /// The checkpoint body, unverified: for a caller that must replay entries before it knows
+    /// which keys to check the signatures with.
+    pub fn unverified_body(&self) -> Result<(String, u64, Hash), CheckpointError> {
+        let checkpoint = tlog_tiles::Checkpoint::from_bytes(self.parsed.text())
+            .map_err(|_| CheckpointError::MalformedBody)?;
+        Ok((
+            checkpoint.origin().to_owned(),
+            checkpoint.size(),
+            *checkpoint.hash(),
+        ))
+    }
+
+    /// Checks that the note carries a valid signature by every one of `keys` (at least one,
+    /// all named by the checkpoint's origin; signatures by other keys are ignored) and
+    /// returns the checkpoint. [`CheckpointError::NotSignedByKey`] means a single key did not
+    /// sign it, [`CheckpointError::MissingSignature`] that one of several did not.
+    pub fn verify(&self, keys: &[LedgerVerifier]) -> Result<VerifiedCheckpoint, CheckpointError> {
+        let Some(first) = keys.first() else {
+            return Err(CheckpointError::NotSignedByKey);
+        };
+        let mut distinct: Vec<&LedgerVerifier> = Vec::with_capacity(keys.len());
+        for key in keys {
+            if !distinct.iter().any(|k| k.key_string == key.key_string) {
+                distinct.push(key);
+            }
+        }
+        let verifiers = VerifierList::new(
+            distinct
+                .iter()
+                .map(|key| Box::new(key.inner.clone()) as Box<dyn Verifier>)
+                .collect(),
+        );
+        let (verified, _) = self.parsed.verify(&verifiers).map_err(|e| match e {
+            signed_note::NoteError::InvalidSignature { .. } => CheckpointError::BadSignature,
+            _ => CheckpointError::NotSignedByKey,
+        })?;
+        for key in &distinct {
+            let id = key.inner.key_id();
+            if !verified
+                .iter()
+                .any(|sig| sig.name() == key.origin() && sig.id() == id)
+            {
+                return Err(if distinct.len() == 1 {
+                    CheckpointError::NotSignedByKey
+                } else {
+                    CheckpointError::MissingSignature(key.key_string().to_owned())
+                });
+            }
+        }
+        let (origin, tree_size, root) = self.unverified_body()?;
+        if let Some(key) = keys.iter().find(|key| key.origin() != origin) {
+            return Err(CheckpointError::OriginMismatch {
+                expected: key.origin().to_owned(),
+                found: origin,
+            });
+        }
+        debug_assert_eq!(first.origin(), origin);
+        Ok(VerifiedCheckpoint {
+            origin,
+            tree_size,
+            root,
+            note: self.note.clone(),
+        })
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@ use serde_json::{json, Value};
 
 use crate::merkle;
 use crate::proto::{
-    event::Body, revocation::Target, DenialReason, Entry, Event, Role, TraceStatus, Verdict,
+    event::Body, ledger_key_rotation::Step, revocation::Target, DenialReason, Entry, Event, Role,
+    TraceStatus, Verdict,
 };
 
 /// Unix milliseconds as RFC 3339 UTC (millisecond precision); out-of-range values as numbers.
@@ -147,6 +148,14 @@ fn body_json(body: &Body) -> (&'static str, Value) {
                 Some(Target::ConsentId(id)) => json!({ "consent_id": id, "reason": r.reason }),
                 None => json!({ "reason": r.reason }),
             },
+        ),
+        Body::LedgerKeyRotation(r) => (
+            "ledger_key_rotation",
+            json!({
+                "step": enum_name(r.step, |s: Step| s.as_str_name()),
+                "ledger_public_key": hex::encode(&r.ledger_public_key),
+                "next_ledger_public_key": hex::encode(&r.next_ledger_public_key),
+            }),
         ),
     }
 }

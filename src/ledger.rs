@@ -26,6 +26,11 @@
 //! Concurrency: the judge, apply and finish stages must each be driven by one thread at a
 //! time, with batches in the same order; a storage failure in any stage stops all later
 //! appends until a restart. The read methods may be called from anywhere at any time.
+//!
+//! The ledger key (which signed the genesis and signs checkpoints) is rotated in steps, each
+//! an entry the ledger writes itself ([`Ledger::begin_key_rotation`],
+//! [`Ledger::finish_key_rotation`], [`Ledger::cancel_key_rotation`]; the rules are in
+//! [`trust::LedgerKeys`]). They take `&mut self`, so no append runs meanwhile.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
@@ -37,12 +42,15 @@ use prost::Message as _;
 use crate::checkpoint::{self, CheckpointError, CheckpointSigner, LedgerVerifier};
 use crate::envelope;
 use crate::merkle::{self, Hash};
-use crate::proto::{event::Body, Entry, Event, Genesis, Receipt, SignedEvent, Verdict};
+use crate::proto::ledger_key_rotation::Step;
+use crate::proto::{
+    event::Body, Entry, Event, EventKind, Genesis, LedgerKeyRotation, Receipt, SignedEvent, Verdict,
+};
 use crate::store::keys as store_keys;
 use crate::store::{Commit, Head, PendingHashes, Store, StoreError};
 use crate::trust::{
-    self, ConsentRecord, Evaluation, IndexField, KeyRecord, MemoryState, Refusal, TokenRecord,
-    TrustView, ViewError,
+    self, ConsentRecord, Evaluation, IndexField, KeyRecord, LedgerKeys, MemoryState, Refusal,
+    TokenRecord, TrustView, ViewError,
 };
 
 /// What the ledger is created with; recorded in the genesis entry.
@@ -66,9 +74,14 @@ pub enum LedgerError {
     /// The newest checkpoint does not verify under the ledger key.
     #[error("couldn't verify the stored checkpoint: {0}")]
     Checkpoint(#[from] CheckpointError),
-    /// The store belongs to another ledger (other key or origin) or its genesis is unusable.
+    /// The store belongs to another ledger (other key or origin), its genesis is unusable, or
+    /// a ledger key it needs was not given.
     #[error("{0}")]
     Mismatch(String),
+    /// A key rotation step does not fit the ledger's keys (e.g. a finish with no rotation
+    /// under way); nothing was written.
+    #[error("key rotation refused: {0}")]
+    Rotation(Refusal),
 }
 
 /// Milliseconds since the Unix epoch by the ledger's clock.
@@ -83,6 +96,11 @@ pub fn now_ms() -> i64 {
 pub struct Ledger {
     store: Store,
     signer: CheckpointSigner,
+    /// The ledger keys as the entries record them; `signer` holds their private halves.
+    ledger_keys: LedgerKeys,
+    /// The private halves of the current key and, during a rotation, the next key.
+    current_key: SigningKey,
+    next_key: Option<SigningKey>,
     max_clock_skew_ms: i64,
     head: RwLock<Head>,
     size_tx: tokio::sync::watch::Sender<u64>,
@@ -106,15 +124,18 @@ impl Ledger {
             ));
         }
         let signer = CheckpointSigner::new(&params.origin, ledger_key.clone())?;
+        let genesis = Genesis {
+            origin: params.origin.clone(),
+            admin_public_key: params.admin_public_key.to_vec(),
+            ledger_public_key: ledger_key.verifying_key().to_bytes().to_vec(),
+            max_clock_skew_ms: params.max_clock_skew_ms,
+        };
+        let ledger_keys = LedgerKeys::from_genesis(&genesis)
+            .map_err(|e| LedgerError::Mismatch(format!("invalid genesis: {e}")))?;
         let event = Event {
             event_id: "genesis".into(),
             occurred_at_ms: now_ms(),
-            body: Some(Body::Genesis(Genesis {
-                origin: params.origin.clone(),
-                admin_public_key: params.admin_public_key.to_vec(),
-                ledger_public_key: ledger_key.verifying_key().to_bytes().to_vec(),
-                max_clock_skew_ms: params.max_clock_skew_ms,
-            })),
+            body: Some(Body::Genesis(genesis)),
         };
         trust::validate_event(&event, event.encoded_len())
             .map_err(|e| LedgerError::Mismatch(format!("invalid genesis: {e}")))?;
@@ -128,6 +149,9 @@ impl Ledger {
         let ledger = Self {
             store,
             signer,
+            ledger_keys,
+            current_key: ledger_key.clone(),
+            next_key: None,
             max_clock_skew_ms: params.max_clock_skew_ms,
             head: RwLock::new(empty),
             size_tx,
@@ -149,22 +173,21 @@ impl Ledger {
         Ok(ledger)
     }
 
-    /// Opens an existing ledger: checks that `ledger_key` is the one its genesis names, that
-    /// the newest checkpoint verifies under it and matches the stored hashes, and that the
-    /// log's tail agrees with the checkpoint.
+    /// Opens an existing ledger with the private ledger keys in `keyring`: finds the ledger
+    /// keys the entries record (the genesis key and its rotations), picks their private
+    /// halves from `keyring` (the current key, and the next key if a rotation is under way;
+    /// any other key given is ignored), checks that the newest checkpoint carries the
+    /// signatures of those keys and matches the stored hashes, and that the log's tail
+    /// agrees with the checkpoint.
     ///
     /// If only the entries are left (the derived data was deleted or lost), everything else is
     /// rebuilt from them first: each entry is judged again and must get its recorded verdict.
-    pub fn open(store: Store, ledger_key: SigningKey) -> Result<Self, LedgerError> {
+    pub fn open(store: Store, keyring: &[SigningKey]) -> Result<Self, LedgerError> {
         let genesis = read_genesis(&store)?;
-        // Check the key first: a rebuild signs checkpoints with it.
-        if genesis.ledger_public_key != ledger_key.verifying_key().to_bytes() {
-            return Err(LedgerError::Mismatch(
-                "the ledger key does not match the one the genesis names".into(),
-            ));
-        }
-        let signer = CheckpointSigner::new(&genesis.origin, ledger_key)?;
         if store.head()?.is_none() || store.rebuild_pending()? {
+            // Find the keys first (the kind index is gone): the rebuild signs checkpoints.
+            let (current_key, next_key) = private_keys(&scanned_ledger_keys(&store)?, keyring)?;
+            let signer = checkpoint_signer(&genesis.origin, &current_key, next_key.as_ref())?;
             // A rebuild interrupted by a crash starts over: the marker is removed only with
             // the last chunk.
             store.drop_derived()?;
@@ -173,8 +196,15 @@ impl Ledger {
         let head = store
             .head()?
             .ok_or_else(|| LedgerError::Mismatch("the store holds no ledger".into()))?;
-        let verifier = LedgerVerifier::parse(&signer.verifier_key())?;
-        let verified = checkpoint::open(&head.checkpoint, &verifier)?;
+        let ledger_keys = indexed_ledger_keys(&store, head.tree_size)?;
+        let (current_key, next_key) = private_keys(&ledger_keys, keyring)?;
+        let signer = checkpoint_signer(&genesis.origin, &current_key, next_key.as_ref())?;
+        let verifiers = signer
+            .verifier_keys()
+            .iter()
+            .map(|key| LedgerVerifier::parse(key))
+            .collect::<Result<Vec<_>, _>>()?;
+        let verified = checkpoint::parse(&head.checkpoint)?.verify(&verifiers)?;
         if verified.tree_size() != head.tree_size || verified.root() != head.root {
             return Err(StoreError::Corrupt(format!(
                 "checkpoint says size {} root {}, the stored hashes say size {} root {}",
@@ -190,6 +220,9 @@ impl Ledger {
         Ok(Self {
             store,
             signer,
+            ledger_keys,
+            current_key,
+            next_key,
             max_clock_skew_ms: genesis.max_clock_skew_ms,
             head: RwLock::new(head),
             size_tx,
@@ -220,9 +253,137 @@ impl Ledger {
         &self.store
     }
 
-    /// The C2SP verifier key string of the ledger key.
+    /// The C2SP verifier key string of the (current) ledger key.
     pub fn verifier_key(&self) -> String {
         self.signer.verifier_key()
+    }
+
+    /// The C2SP verifier key strings of the keys that sign checkpoints now: the current
+    /// ledger key, then the next key while a rotation is under way.
+    pub fn verifier_keys(&self) -> Vec<String> {
+        self.signer.verifier_keys()
+    }
+
+    /// The ledger keys as the entries record them.
+    pub fn ledger_keys(&self) -> &LedgerKeys {
+        &self.ledger_keys
+    }
+
+    /// Begins rotating the ledger key to `next`: appends a BEGIN entry signed by the current
+    /// key, durably, and returns its receipt. Its checkpoint and every later one carry the
+    /// signatures of both keys until the rotation is finished or cancelled. Refused (nothing
+    /// written) while another rotation is under way, or if `next` was a ledger key before.
+    pub fn begin_key_rotation(&mut self, next: SigningKey) -> Result<Receipt, LedgerError> {
+        let next_public = next.verifying_key().to_bytes();
+        let after =
+            CheckpointSigner::new(self.origin(), self.current_key.clone())?.with_next(next.clone());
+        let signer = self.current_key.clone();
+        let receipt = self.write_rotation(Step::Begin, &signer, next_public, after)?;
+        self.next_key = Some(next);
+        Ok(receipt)
+    }
+
+    /// Finishes the rotation under way: appends a FINISH entry signed by the next key, which
+    /// becomes the ledger key and from this entry on signs checkpoints alone; the old key
+    /// signs nothing more. Returns the entry's receipt once it is durable.
+    pub fn finish_key_rotation(&mut self) -> Result<Receipt, LedgerError> {
+        let next = self.rotation_under_way()?;
+        let after = CheckpointSigner::new(self.origin(), next.clone())?;
+        let receipt =
+            self.write_rotation(Step::Finish, &next, next.verifying_key().to_bytes(), after)?;
+        self.current_key = next;
+        self.next_key = None;
+        Ok(receipt)
+    }
+
+    /// Cancels the rotation under way: appends a CANCEL entry signed by the current key,
+    /// which from this entry on signs checkpoints alone; the withdrawn next key may never
+    /// become a ledger key. Returns the entry's receipt once it is durable.
+    pub fn cancel_key_rotation(&mut self) -> Result<Receipt, LedgerError> {
+        let next = self.rotation_under_way()?;
+        let after = CheckpointSigner::new(self.origin(), self.current_key.clone())?;
+        let signer = self.current_key.clone();
+        let receipt = self.write_rotation(
+            Step::Cancel,
+            &signer,
+            next.verifying_key().to_bytes(),
+            after,
+        )?;
+        self.next_key = None;
+        Ok(receipt)
+    }
+
+    fn rotation_under_way(&self) -> Result<SigningKey, LedgerError> {
+        self.next_key.clone().ok_or_else(|| {
+            LedgerError::Rotation(Refusal::Conflict(
+                "no ledger key rotation is under way".into(),
+            ))
+        })
+    }
+
+    /// Appends one rotation step signed by `signing_key` as a batch of its own whose
+    /// checkpoint `after` signs, and makes `after` the checkpoint signer.
+    fn write_rotation(
+        &mut self,
+        step: Step,
+        signing_key: &SigningKey,
+        next_public: [u8; 32],
+        after: CheckpointSigner,
+    ) -> Result<Receipt, LedgerError> {
+        let written =
+            self.unless_failed(|| self.commit_rotation(step, signing_key, next_public, &after))?;
+        let (receipt, head, keys_after) = written.map_err(LedgerError::Rotation)?;
+        self.publish(head);
+        self.signer = after;
+        self.ledger_keys = keys_after;
+        Ok(receipt)
+    }
+
+    /// Builds, judges and durably commits one rotation step; publishes nothing.
+    fn commit_rotation(
+        &self,
+        step: Step,
+        signing_key: &SigningKey,
+        next_public: [u8; 32],
+        after: &CheckpointSigner,
+    ) -> Result<Result<(Receipt, Head, LedgerKeys), Refusal>, StoreError> {
+        let none_in_flight = VecDeque::new();
+        let mut batch = Batch::new(&self.store, self.head().tree_size, &none_in_flight)?;
+        // A fresh random id: a client that took some id first cannot block the step.
+        let event_id = loop {
+            let mut nonce = [0u8; 8];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
+            let id = format!(
+                "ledger-key-{}-{}",
+                step.as_str_name()
+                    .trim_start_matches("STEP_")
+                    .to_ascii_lowercase(),
+                hex::encode(nonce)
+            );
+            if batch.event_seq(&id)?.is_none() {
+                break id;
+            }
+        };
+        let event = Event {
+            event_id,
+            occurred_at_ms: now_ms(),
+            body: Some(Body::LedgerKeyRotation(LedgerKeyRotation {
+                step: step as i32,
+                ledger_public_key: self.ledger_keys.current().to_vec(),
+                next_ledger_public_key: next_public.to_vec(),
+            })),
+        };
+        let signed = envelope::sign_event(signing_key, &event);
+        let (evaluation, keys_after) = match self.ledger_keys.judge(&signed, &event) {
+            Ok(judged) => judged,
+            Err(refusal) => return Ok(Err(refusal)),
+        };
+        let verdict = evaluation.verdict.clone();
+        let (seq, leaf) = batch.push(signed, &event, evaluation, now_ms())?;
+        let (commit, head, _) = batch.seal(after)?;
+        self.store.commit(&commit)?;
+        let receipt = receipt(event.event_id, seq, leaf, verdict, false, &head);
+        Ok(Ok((receipt, head, keys_after)))
     }
 
     /// The log's origin.
@@ -620,12 +781,7 @@ fn rebuild(store: &Store, signer: &CheckpointSigner) -> Result<(), LedgerError> 
         entries = total,
         "derived data missing: rebuilding from the entries"
     );
-    let genesis = read_genesis(store)?;
-    let ledger_public_key: [u8; 32] = genesis
-        .ledger_public_key
-        .as_slice()
-        .try_into()
-        .map_err(|_| LedgerError::Mismatch("the genesis names a malformed ledger key".into()))?;
+    let mut ledger_keys = None;
     let mut next = 0u64;
     while next < total {
         let end = total.min(next + REBUILD_CHUNK as u64);
@@ -645,11 +801,9 @@ fn rebuild(store: &Store, signer: &CheckpointSigner) -> Result<(), LedgerError> 
             let signed = entry.event.clone().unwrap_or_default();
             let event = Event::decode(signed.payload.as_slice())
                 .map_err(|e| corrupt(format!("payload does not decode: {e}")))?;
-            let judged = if seq == 0 {
-                trust::judge_genesis(&signed, &event, &ledger_public_key)
-            } else {
-                trust::rejudge(&signed, &event, seq, &batch, None).map_err(view_error)?
-            };
+            let judged =
+                trust::rejudge_stored(&signed, &event, seq, &batch, &mut ledger_keys, None)
+                    .map_err(view_error)?;
             let evaluation =
                 judged.map_err(|refusal| corrupt(format!("would be refused: {refusal}")))?;
             if let Some(earlier) = batch.event_seq(&event.event_id)? {
@@ -706,6 +860,97 @@ fn read_genesis(store: &Store) -> Result<Genesis, LedgerError> {
         Ok(Some(Body::Genesis(genesis))) => Ok(genesis),
         _ => Err(LedgerError::Mismatch("entry 0 is not a genesis".into())),
     }
+}
+
+/// The ledger keys as the entries up to `tree_size` record them, read through the kind index:
+/// the genesis and each rotation step, judged again in order.
+fn indexed_ledger_keys(store: &Store, tree_size: u64) -> Result<LedgerKeys, LedgerError> {
+    let prefix = store_keys::index_prefix(
+        store_keys::FIELD_KIND,
+        &(EventKind::LedgerKeyRotation as i32).to_string(),
+    );
+    let rotations = store.index_seqs(&prefix, None, Some(tree_size), false);
+    ledger_keys_of(std::iter::once(Ok(0)).chain(rotations).map(|seq| {
+        let seq = seq?;
+        let bytes = store
+            .entry(seq)?
+            .ok_or_else(|| StoreError::Corrupt(format!("entry {seq} is missing")))?;
+        Ok((seq, bytes))
+    }))
+}
+
+/// The ledger keys as every stored entry records them, found by decoding each (for a
+/// rebuild, when the kind index is gone).
+fn scanned_ledger_keys(store: &Store) -> Result<LedgerKeys, LedgerError> {
+    let total = store.entry_count()?;
+    ledger_keys_of(store.entries(0, total))
+}
+
+/// Judges the genesis and the rotation steps among `entries` (in order, starting with entry
+/// 0; other entries are skipped).
+fn ledger_keys_of(
+    entries: impl Iterator<Item = Result<(u64, Vec<u8>), StoreError>>,
+) -> Result<LedgerKeys, LedgerError> {
+    let mut keys = None;
+    for item in entries {
+        let (seq, bytes) = item?;
+        let entry = decode_entry(seq, &bytes)?;
+        let signed = entry.event.unwrap_or_default();
+        let corrupt =
+            |what: String| LedgerError::Store(StoreError::Corrupt(format!("entry {seq}: {what}")));
+        let event = Event::decode(signed.payload.as_slice())
+            .map_err(|e| corrupt(format!("payload does not decode: {e}")))?;
+        if seq != 0 && !matches!(event.body, Some(Body::LedgerKeyRotation(_))) {
+            continue;
+        }
+        trust::rejudge_stored(&signed, &event, seq, &MemoryState::new(), &mut keys, None)
+            .map_err(view_error)?
+            .map_err(|refusal| corrupt(format!("would be refused: {refusal}")))?;
+    }
+    keys.ok_or_else(|| LedgerError::Mismatch("the store has no genesis entry".into()))
+}
+
+/// Picks from `keyring` the private halves of the current ledger key and of the next key,
+/// if a rotation is under way.
+fn private_keys(
+    keys: &LedgerKeys,
+    keyring: &[SigningKey],
+) -> Result<(SigningKey, Option<SigningKey>), LedgerError> {
+    let find = |public: &[u8; 32]| {
+        keyring
+            .iter()
+            .find(|key| key.verifying_key().as_bytes() == public)
+            .cloned()
+    };
+    let current = find(keys.current()).ok_or_else(|| {
+        LedgerError::Mismatch(format!(
+            "none of the keys given is the ledger key {}",
+            envelope::key_id(keys.current())
+        ))
+    })?;
+    let next = match keys.next() {
+        Some(public) => Some(find(public).ok_or_else(|| {
+            LedgerError::Mismatch(format!(
+                "a ledger key rotation to key {} is under way, but that key was not given",
+                envelope::key_id(public)
+            ))
+        })?),
+        None => None,
+    };
+    Ok((current, next))
+}
+
+/// The checkpoint signer for the current key and, during a rotation, the next key.
+fn checkpoint_signer(
+    origin: &str,
+    current: &SigningKey,
+    next: Option<&SigningKey>,
+) -> Result<CheckpointSigner, LedgerError> {
+    let signer = CheckpointSigner::new(origin, current.clone())?;
+    Ok(match next {
+        Some(next) => signer.with_next(next.clone()),
+        None => signer,
+    })
 }
 
 fn view_error(error: ViewError) -> LedgerError {
@@ -1245,7 +1490,7 @@ mod tests {
         drop(ledger);
         let store = Store::open(dir.path()).unwrap();
         store.drop_derived().unwrap();
-        let reopened = Ledger::open(store, SigningKey::from_bytes(&[2; 32])).unwrap();
+        let reopened = Ledger::open(store, &[SigningKey::from_bytes(&[2; 32])]).unwrap();
         assert_eq!(reopened.head().root, head.root);
     }
 

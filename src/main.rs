@@ -128,6 +128,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Rotates the ledger key of a stopped ledger, one step at a time, each recorded as an
+    /// entry: `begin` (checkpoints are signed by the current and the next key), then `finish`
+    /// (the next key becomes the ledger key) or `cancel`. Prints the step's receipt and the
+    /// keys that sign checkpoints from now on as JSON. Procedure: README, "Rotating the
+    /// ledger key".
+    RotateKey {
+        /// begin, finish or cancel.
+        step: StepArg,
+        /// The stopped ledger's data directory.
+        #[arg(long, default_value = server::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
     /// Prints what a stopped ledger's store holds: keys and bytes per kind of key, and the
     /// size of the database directory on disk.
     StoreStats {
@@ -215,6 +227,23 @@ fn parse_time(text: &str) -> Result<i64, String> {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum StepArg {
+    Begin,
+    Finish,
+    Cancel,
+}
+
+impl From<StepArg> for server::RotationStep {
+    fn from(step: StepArg) -> Self {
+        match step {
+            StepArg::Begin => server::RotationStep::Begin,
+            StepArg::Finish => server::RotationStep::Finish,
+            StepArg::Cancel => server::RotationStep::Cancel,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum KindArg {
     Genesis,
     KeyGrant,
@@ -225,6 +254,7 @@ enum KindArg {
     Action,
     Denial,
     Revocation,
+    LedgerKeyRotation,
 }
 
 impl From<KindArg> for EventKind {
@@ -239,6 +269,7 @@ impl From<KindArg> for EventKind {
             KindArg::Action => EventKind::Action,
             KindArg::Denial => EventKind::Denial,
             KindArg::Revocation => EventKind::Revocation,
+            KindArg::LedgerKeyRotation => EventKind::LedgerKeyRotation,
         }
     }
 }
@@ -468,6 +499,29 @@ async fn run(cli: Cli) -> anyhow::Result<Result<(), Failure>> {
                 .map_err(|e| format!("not a trace bundle: {e}"))
                 .and_then(|b| verify::verify_trace_bundle(&b, &key).map_err(|e| e.to_string()));
             return Ok(report_trace(outcome, json));
+        }
+        Command::RotateKey { step, data_dir } => {
+            let outcome =
+                tokio::task::spawn_blocking(move || server::rotate_key(&data_dir, step.into()))
+                    .await?;
+            match outcome {
+                Ok(outcome) => {
+                    let value = serde_json::json!({
+                        "receipt": receipt_json(&outcome.receipt),
+                        "checkpoint_keys": outcome.verifier_keys,
+                        "generated_next_key": outcome.generated,
+                    });
+                    println!("{}", serde_json::to_string_pretty(&value)?);
+                }
+                Err(server::ServerError::Ledger(custody::ledger::LedgerError::Rotation(
+                    refusal,
+                ))) => {
+                    return Ok(Err(Failure::Refused(format!(
+                        "key rotation refused: {refusal}"
+                    ))))
+                }
+                Err(other) => return Err(other.into()),
+            }
         }
         Command::StoreStats { data_dir } => {
             tokio::task::spawn_blocking(move || store_stats(&data_dir)).await??;
@@ -750,6 +804,7 @@ fn report_verification(
                 if let Some(previous) = report.extends_previous {
                     outln!("  extends the previous checkpoint of {previous} entries");
                 }
+                outln!("  checkpoint signed by: {}", report.ledger_keys.join(", "));
                 let kinds: Vec<String> = report
                     .entries_by_kind
                     .iter()
@@ -903,6 +958,12 @@ async fn serve(config: Config, listen: SocketAddr) -> anyhow::Result<()> {
             tree_size = ledger.head().tree_size,
             "ledger key (give this to auditors)"
         );
+        if let Some(next) = ledger.verifier_keys().get(1) {
+            tracing::info!(
+                verifier_key = %next,
+                "a ledger key rotation is under way: checkpoints are signed by this next key too"
+            );
+        }
         tracing::info!("serving custody.v1.Ledger and custody.v1.Audit");
     };
     server::open_and_run(listener, config, opened, shutdown_signal()).await?;

@@ -7,7 +7,13 @@
 //! | `db/` | the sled database |
 //! | `ledger.key` | the ledger's Ed25519 seed, hex (mode 0600); signs the genesis and checkpoints |
 //! | `ledger.pub` | the C2SP verifier key string auditors are given |
+//! | `ledger.next.key` | during a ledger key rotation, the next key's seed (mode 0600) |
+//! | `ledger.next.pub` | during a ledger key rotation, the next key's verifier key string |
 //! | `admin.key` | the first admin key as JSON (mode 0600), only when the server generated it |
+//!
+//! A key rotation ([`rotate_key`]) writes `ledger.next.key` before its BEGIN entry, and after
+//! its FINISH entry renames it over `ledger.key` (after a CANCEL it removes it). A crash
+//! between the entry and the file step is settled the next time the ledger is opened.
 
 use std::future::Future;
 use std::io::Write as _;
@@ -208,6 +214,162 @@ fn read_ledger_key(path: &Path) -> Result<SigningKey, ServerError> {
     })
 }
 
+/// The current ledger key's seed in the data directory.
+const LEDGER_KEY: &str = "ledger.key";
+/// The current ledger key's verifier key string.
+const LEDGER_PUB: &str = "ledger.pub";
+/// The next ledger key's seed while a rotation is under way.
+const NEXT_KEY: &str = "ledger.next.key";
+/// The next ledger key's verifier key string while a rotation is under way.
+const NEXT_PUB: &str = "ledger.next.pub";
+
+/// The private ledger keys in `dir`: `ledger.key`, and `ledger.next.key` if present.
+fn keyring(dir: &Path) -> Result<Vec<SigningKey>, ServerError> {
+    let mut keys = vec![read_ledger_key(&dir.join(LEDGER_KEY))?];
+    let next = dir.join(NEXT_KEY);
+    if next.exists() {
+        keys.push(read_ledger_key(&next)?);
+    }
+    Ok(keys)
+}
+
+/// Opens the existing ledger in `dir` (its store already open) with the keys in `dir`, then
+/// settles the key files with what the entries record.
+fn open_existing(dir: &Path, store: Store) -> Result<Ledger, ServerError> {
+    let ledger = Ledger::open(store, &keyring(dir)?)?;
+    settle_key_files(dir, &ledger)?;
+    Ok(ledger)
+}
+
+/// Brings the key files in line with the ledger keys the entries record: finishes the file
+/// step of a rotation step that a crash interrupted (renames a `ledger.next.key` that holds
+/// the current key over `ledger.key`; removes one whose key can never sign again) and
+/// rewrites `ledger.pub` and `ledger.next.pub`.
+fn settle_key_files(dir: &Path, ledger: &Ledger) -> Result<(), ServerError> {
+    let keys = ledger.ledger_keys();
+    let next_path = dir.join(NEXT_KEY);
+    if next_path.exists() {
+        let public = read_ledger_key(&next_path)?.verifying_key().to_bytes();
+        if public == *keys.current() {
+            tracing::info!(
+                "finishing an interrupted key rotation: ledger.next.key becomes ledger.key"
+            );
+            replace_file(&next_path, &dir.join(LEDGER_KEY))?;
+        } else if keys.next() != Some(&public) && keys.ever_used(&public) {
+            tracing::info!("removing ledger.next.key: its rotation was cancelled");
+            std::fs::remove_file(&next_path).map_err(io_error("remove", &next_path))?;
+        } else if keys.next().is_none() {
+            tracing::warn!(
+                "ledger.next.key holds a key no rotation uses yet; `custody rotate-key begin` will use it"
+            );
+        }
+    }
+    let verifier_keys = ledger.verifier_keys();
+    let pub_path = dir.join(LEDGER_PUB);
+    std::fs::write(&pub_path, format!("{}\n", verifier_keys[0]))
+        .map_err(io_error("write", &pub_path))?;
+    let next_pub = dir.join(NEXT_PUB);
+    match verifier_keys.get(1) {
+        Some(next) => {
+            std::fs::write(&next_pub, format!("{next}\n")).map_err(io_error("write", &next_pub))?
+        }
+        None if next_pub.exists() => {
+            std::fs::remove_file(&next_pub).map_err(io_error("remove", &next_pub))?
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+/// Renames `from` over `to` and makes the rename durable.
+fn replace_file(from: &Path, to: &Path) -> Result<(), ServerError> {
+    std::fs::rename(from, to).map_err(io_error("rename", from))?;
+    if let Some(dir) = to.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error("sync", dir))?;
+    }
+    Ok(())
+}
+
+/// A step of a ledger key rotation (see [`rotate_key`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotationStep {
+    /// Start signing checkpoints with a next key too.
+    Begin,
+    /// Make the next key the ledger key.
+    Finish,
+    /// Withdraw the next key.
+    Cancel,
+}
+
+/// What a rotation step did.
+#[derive(Debug, Clone)]
+pub struct RotationOutcome {
+    /// The receipt of the step's entry.
+    pub receipt: crate::proto::Receipt,
+    /// The verifier key strings that sign checkpoints from the step on (the current key, then
+    /// the next key during a rotation).
+    pub verifier_keys: Vec<String>,
+    /// For a begin: whether the next key was generated (rather than taken from an existing
+    /// `ledger.next.key`).
+    pub generated: bool,
+}
+
+/// Takes one step of a ledger key rotation on the stopped ledger in `data_dir` (the
+/// database is locked while a server runs):
+///
+/// - **begin**: uses `ledger.next.key` if it exists, else generates it (mode 0600, synced),
+///   then appends the BEGIN entry signed by the current key. Checkpoints from then on carry
+///   the signatures of both keys; `ledger.next.pub` holds the next key's verifier key.
+/// - **finish**: appends the FINISH entry signed by the next key, then renames
+///   `ledger.next.key` over `ledger.key`, so the old seed is gone from the directory.
+/// - **cancel**: appends the CANCEL entry signed by the current key, then removes
+///   `ledger.next.key`.
+///
+/// Each entry is durable before the step returns.
+pub fn rotate_key(data_dir: &Path, step: RotationStep) -> Result<RotationOutcome, ServerError> {
+    let store = Store::open(&data_dir.join("db")).map_err(LedgerError::from)?;
+    if !store.has_entries().map_err(LedgerError::from)? {
+        return Err(ServerError::Config(format!(
+            "{} holds no ledger",
+            data_dir.display()
+        )));
+    }
+    let mut ledger = open_existing(data_dir, store)?;
+    let next_path = data_dir.join(NEXT_KEY);
+    let mut generated = false;
+    let receipt = match step {
+        RotationStep::Begin => {
+            let next = if next_path.exists() {
+                read_ledger_key(&next_path)?
+            } else {
+                let key = generate_key();
+                write_secret(&next_path, &format!("{}\n", hex::encode(key.to_bytes())))?;
+                generated = true;
+                key
+            };
+            ledger.begin_key_rotation(next)?
+        }
+        RotationStep::Finish => {
+            let receipt = ledger.finish_key_rotation()?;
+            replace_file(&next_path, &data_dir.join(LEDGER_KEY))?;
+            receipt
+        }
+        RotationStep::Cancel => {
+            let receipt = ledger.cancel_key_rotation()?;
+            std::fs::remove_file(&next_path).map_err(io_error("remove", &next_path))?;
+            receipt
+        }
+    };
+    settle_key_files(data_dir, &ledger)?;
+    Ok(RotationOutcome {
+        receipt,
+        verifier_keys: ledger.verifier_keys(),
+        generated,
+    })
+}
+
 /// Opens the ledger in `config.data_dir`, creating it (keys, genesis) on first start.
 pub fn open_ledger(config: &Config) -> Result<(Arc<Ledger>, Startup), ServerError> {
     let dir = &config.data_dir;
@@ -216,10 +378,10 @@ pub fn open_ledger(config: &Config) -> Result<(Arc<Ledger>, Startup), ServerErro
         checkpoint::validate_origin(origin).map_err(|e| ServerError::Config(e.to_string()))?;
     }
     let store = Store::open(&dir.join("db")).map_err(LedgerError::from)?;
-    let key_path = dir.join("ledger.key");
+    let key_path = dir.join(LEDGER_KEY);
     let mut startup = Startup::default();
     let ledger = if store.has_entries().map_err(LedgerError::from)? {
-        let ledger = Ledger::open(store, read_ledger_key(&key_path)?)?;
+        let ledger = open_existing(dir, store)?;
         if let Some(origin) = &config.origin {
             if origin != ledger.origin() {
                 return Err(ServerError::Config(format!(
@@ -258,11 +420,10 @@ pub fn open_ledger(config: &Config) -> Result<(Arc<Ledger>, Startup), ServerErro
             admin_public_key,
             max_clock_skew_ms: config.max_clock_skew_ms,
         };
-        Ledger::create(store, ledger_key, &params)?
+        let ledger = Ledger::create(store, ledger_key, &params)?;
+        settle_key_files(dir, &ledger)?;
+        ledger
     };
-    let pub_path = dir.join("ledger.pub");
-    std::fs::write(&pub_path, format!("{}\n", ledger.verifier_key()))
-        .map_err(io_error("write", &pub_path))?;
     Ok((Arc::new(ledger), startup))
 }
 

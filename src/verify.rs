@@ -4,10 +4,10 @@
 use prost::Message as _;
 use std::collections::HashMap;
 
-use crate::checkpoint::{self, CheckpointError, LedgerVerifier};
+use crate::checkpoint::{self, CheckpointError, CheckpointNote, LedgerVerifier};
 use crate::merkle::{self, ProofError};
 use crate::proto::{Entry, Event, TraceBundle, Verdict};
-use crate::trust::{self, MemoryState, Refusal, ReplayState};
+use crate::trust::{self, LedgerKeys, MemoryState, Refusal, ReplayState};
 
 /// Why a trace bundle does not verify. Every variant is a value a caller can match on.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -57,15 +57,15 @@ enum EntryFailure {
     },
 }
 
-/// Judges a stored entry again against the state before it (the genesis against the ledger
-/// key) and checks the recorded verdict. `decoded` is the entry's event if the caller has
-/// already decoded it. Returns the evaluation and the event. Shared by trace and export
-/// verification.
+/// Judges a stored entry again against the state before it (the genesis and key rotations
+/// against the ledger keys, which it updates; see [`trust::rejudge_stored`]) and checks the
+/// recorded verdict. `decoded` is the entry's event if the caller has already decoded it.
+/// Returns the evaluation and the event. Shared by trace and export verification.
 fn rejudge_entry(
     entry: &Entry,
     decoded: Option<Event>,
     state: &impl trust::TrustView,
-    ledger_key: &[u8; 32],
+    ledger_keys: &mut Option<LedgerKeys>,
     preverified: Option<&[u8; 32]>,
 ) -> Result<(trust::Evaluation, Event), EntryFailure> {
     let signed = entry
@@ -78,13 +78,8 @@ fn rejudge_entry(
             EntryFailure::Refused(Refusal::Malformed(format!("payload does not decode: {e}")))
         })?,
     };
-    let judged = if entry.seq == 0 {
-        trust::judge_genesis(signed, &event, ledger_key)
-    } else {
-        // MemoryState reads cannot fail.
-        trust::rejudge(signed, &event, entry.seq, state, preverified)
-            .map_err(|e| EntryFailure::Malformed(e.to_string()))?
-    };
+    let judged = trust::rejudge_stored(signed, &event, entry.seq, state, ledger_keys, preverified)
+        .map_err(|e| EntryFailure::Malformed(e.to_string()))?;
     let evaluation = judged.map_err(EntryFailure::Refused)?;
     if entry.verdict.as_ref() != Some(&evaluation.verdict) {
         return Err(EntryFailure::VerdictMismatch {
@@ -103,6 +98,10 @@ fn malformed(message: impl Into<String>) -> TraceError {
 /// it, every entry's signature and verdict judged again in ledger order from the bundle's
 /// entries alone (the key registry replayed from the genesis and the key grants it carries),
 /// and the traced entry's verdict.
+///
+/// `key` must be a key that signed the bundle's checkpoint. A bundle holds no rotation
+/// entries, so unlike [`verify_export`] it cannot follow a ledger key rotation: after one
+/// finishes, verify bundles with the new key.
 pub fn verify_trace_bundle(
     bundle: &TraceBundle,
     key: &LedgerVerifier,
@@ -158,11 +157,12 @@ pub fn verify_trace_bundle(
         return Err(malformed("an entry appears twice"));
     }
     let mut state = MemoryState::new();
+    let mut ledger_keys = None;
     let mut target = None;
     let mut event_ids = std::collections::HashSet::new();
     for entry in &entries {
         let seq = entry.seq;
-        let (evaluation, event) = rejudge_entry(entry, None, &state, key.public_key(), None)
+        let (evaluation, event) = rejudge_entry(entry, None, &state, &mut ledger_keys, None)
             .map_err(|failure| match failure {
                 EntryFailure::Malformed(what) => malformed(format!("entry {seq}: {what}")),
                 EntryFailure::Refused(refusal) => TraceError::Refused { seq, refusal },
@@ -218,12 +218,18 @@ pub enum IntegrityFailure {
     /// The export's structure is damaged (header, lengths, truncation).
     #[error("malformed export: {0}")]
     Malformed(String),
-    /// The checkpoint does not open under the trusted key.
+    /// The checkpoint is malformed, or lacks a valid signature by a ledger key that must sign
+    /// it (the ledger keys active at its tree size, as the entries record them).
     #[error("checkpoint: {0}")]
     Checkpoint(CheckpointError),
-    /// The previous checkpoint does not open under the trusted key.
+    /// The previous checkpoint is malformed, or lacks a valid signature by a ledger key that
+    /// was active at its tree size.
     #[error("previous checkpoint: {0}")]
     PreviousCheckpoint(CheckpointError),
+    /// The trusted key is none of the keys this ledger's entries record as ledger keys that
+    /// sign the checkpoint or handed authority on to them.
+    #[error("the trusted key {0} is not a ledger key of this ledger, nor one its ledger keys descend from")]
+    UntrustedKey(String),
     /// The ledger is shorter than the previous checkpoint: entries were removed.
     #[error("the ledger has {size} entries, fewer than the previous checkpoint's {previous}")]
     ShorterThanPrevious { size: u64, previous: u64 },
@@ -298,6 +304,9 @@ pub struct LedgerReport {
     pub root: String,
     /// The previous checkpoint's tree size, when one was checked.
     pub extends_previous: Option<u64>,
+    /// The verifier keys of the ledger keys that signed the checkpoint: the current ledger
+    /// key, then the next key while a rotation is under way.
+    pub ledger_keys: Vec<String>,
     /// Entries by kind.
     pub entries_by_kind: std::collections::BTreeMap<String, u64>,
     /// Actions whose verdict is TRACED.
@@ -380,6 +389,53 @@ fn preverify_chunk(chunk: Vec<Vec<u8>>, hints: &HashMap<String, [u8; 32]>) -> Pr
 /// extended with the chunk's grants.
 type Checked = (Preverified, HashMap<String, [u8; 32]>);
 
+/// A checkpoint note whose signatures wait for the entries: which ledger keys must have signed
+/// it depends on the rotations recorded before its tree size.
+struct PendingCheckpoint {
+    note: CheckpointNote,
+    tree_size: u64,
+    root: merkle::Hash,
+    /// Whether it carries a valid signature by the trusted key.
+    signed_by_trusted: bool,
+}
+
+impl PendingCheckpoint {
+    /// Parses `note`, checks its origin against the trusted key's name and checks the
+    /// trusted key's signature if it carries one (a bad one fails now, a missing one is left
+    /// to [`verify`](Self::verify)).
+    fn parse(note: &str, trusted: &LedgerVerifier) -> Result<Self, CheckpointError> {
+        let note = checkpoint::parse(note)?;
+        let (origin, tree_size, root) = note.unverified_body()?;
+        if origin != trusted.origin() {
+            return Err(CheckpointError::OriginMismatch {
+                expected: trusted.origin().to_owned(),
+                found: origin,
+            });
+        }
+        let signed_by_trusted = match note.verify(std::slice::from_ref(trusted)) {
+            Ok(_) => true,
+            Err(CheckpointError::NotSignedByKey) => false,
+            Err(other) => return Err(other),
+        };
+        Ok(Self {
+            note,
+            tree_size,
+            root,
+            signed_by_trusted,
+        })
+    }
+
+    /// Checks that every ledger key active at the checkpoint's tree size signed it.
+    fn verify(&self, origin: &str, keys: &LedgerKeys) -> Result<(), CheckpointError> {
+        let verifiers = keys
+            .active()
+            .iter()
+            .map(|key| LedgerVerifier::from_public_key(origin, key))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.note.verify(&verifiers).map(|_| ())
+    }
+}
+
 /// Verifies a whole ledger entry by entry, in memory bounded by three chunks of entries plus
 /// the trust state (keys, consents, tokens). Feed it every entry in order, then call
 /// [`finish`](Self::finish). Signatures are checked a chunk at a time with Ed25519 batch
@@ -390,13 +446,17 @@ pub struct ExportVerifier<S: ReplayState = MemoryState> {
     /// The thread checking the signatures of the chunk before `pending`, and that chunk's
     /// length.
     checking: Option<(std::thread::JoinHandle<Checked>, usize)>,
-    /// The ledger key and every key a grant or the genesis seen so far names, by key id: where
-    /// signatures are checked before the grants are judged. Only hints (see
-    /// [`trust::preverify`]). Empty while the checking thread holds them.
+    /// Every key a grant or the genesis seen so far names, by key id: where signatures are
+    /// checked before the grants are judged. Only hints (see [`trust::preverify`]). Empty
+    /// while the checking thread holds them.
     key_hints: HashMap<String, [u8; 32]>,
-    checkpoint: checkpoint::VerifiedCheckpoint,
-    previous: Option<checkpoint::VerifiedCheckpoint>,
-    ledger_key: [u8; 32],
+    checkpoint: PendingCheckpoint,
+    /// The previous checkpoint, until the entries reach its tree size and it is checked.
+    previous: Option<PendingCheckpoint>,
+    /// The key the caller trusts.
+    trusted: LedgerVerifier,
+    /// The ledger keys the entries so far record (`None` before the genesis).
+    ledger_keys: Option<LedgerKeys>,
     state: S,
     frontier: merkle::Frontier,
     prev_leaf: [u8; 32],
@@ -407,8 +467,9 @@ pub struct ExportVerifier<S: ReplayState = MemoryState> {
 }
 
 impl ExportVerifier<MemoryState> {
-    /// Opens the checkpoint (and the previous one, if given) under `key`; keeps the replay
-    /// state in memory.
+    /// Starts verifying a ledger whose newest checkpoint is `note` (and which must extend
+    /// `previous`, if given) for a caller that trusts `key`; keeps the replay state in memory.
+    /// See [`with_state`](ExportVerifier::with_state).
     pub fn new(
         note: &str,
         key: &LedgerVerifier,
@@ -419,45 +480,72 @@ impl ExportVerifier<MemoryState> {
 }
 
 impl<S: ReplayState> ExportVerifier<S> {
-    /// Opens the checkpoint (and the previous one, if given) under `key`; keeps the replay
-    /// state in `state`.
+    /// Starts verifying a ledger whose newest checkpoint is `note` (and which must extend
+    /// `previous`, if given) for a caller that trusts `key`; keeps the replay state in
+    /// `state`.
+    ///
+    /// Which ledger keys must have signed a checkpoint depends on the key rotations the
+    /// entries record before its tree size, so the signatures are checked as the entries
+    /// reach each checkpoint: every ledger key active there must have signed it. `key` must
+    /// be one of the ledger keys that signed the newest checkpoint, or a key they descend
+    /// from through recorded rotations (the genesis key, or a key an earlier rotation
+    /// finished to). A bad signature by `key` fails at once.
     pub fn with_state(
         note: &str,
         key: &LedgerVerifier,
         previous: Option<&str>,
         state: S,
     ) -> Result<Self, IntegrityFailure> {
-        let checkpoint = checkpoint::open(note, key).map_err(IntegrityFailure::Checkpoint)?;
+        let checkpoint =
+            PendingCheckpoint::parse(note, key).map_err(IntegrityFailure::Checkpoint)?;
         let previous = previous
-            .map(|note| checkpoint::open(note, key).map_err(IntegrityFailure::PreviousCheckpoint))
+            .map(|note| {
+                PendingCheckpoint::parse(note, key).map_err(IntegrityFailure::PreviousCheckpoint)
+            })
             .transpose()?;
-        if let Some(previous) = &previous {
-            if previous.tree_size() > checkpoint.tree_size() {
-                return Err(IntegrityFailure::ShorterThanPrevious {
-                    size: checkpoint.tree_size(),
-                    previous: previous.tree_size(),
-                });
+        let previous = match previous {
+            // Never reached by the entries: only the trusted key's signature can vouch for it.
+            Some(previous)
+                if previous.tree_size == 0 || previous.tree_size > checkpoint.tree_size =>
+            {
+                if !previous.signed_by_trusted {
+                    return Err(IntegrityFailure::PreviousCheckpoint(
+                        CheckpointError::NotSignedByKey,
+                    ));
+                }
+                if previous.tree_size > checkpoint.tree_size {
+                    return Err(IntegrityFailure::ShorterThanPrevious {
+                        size: checkpoint.tree_size,
+                        previous: previous.tree_size,
+                    });
+                }
+                if previous.root != merkle::EMPTY_ROOT {
+                    return Err(IntegrityFailure::NotExtending { size: 0 });
+                }
+                None
             }
-        }
+            previous => previous,
+        };
         let report = LedgerReport {
-            origin: checkpoint.origin().to_owned(),
-            tree_size: checkpoint.tree_size(),
-            root: hex::encode(checkpoint.root().0),
-            extends_previous: previous.as_ref().map(|p| p.tree_size()),
+            origin: key.origin().to_owned(),
+            tree_size: checkpoint.tree_size,
+            root: hex::encode(checkpoint.root.0),
+            extends_previous: previous.as_ref().map(|p| p.tree_size),
+            ledger_keys: Vec::new(),
             entries_by_kind: Default::default(),
             actions_traced: 0,
             actions: 0,
             violations_total: 0,
             violations: Vec::new(),
         };
-        let ledger_key = *key.public_key();
         Ok(Self {
             pending: Vec::with_capacity(CHUNK_ENTRIES),
             checking: None,
-            key_hints: HashMap::from([(crate::envelope::key_id(&ledger_key), ledger_key)]),
+            key_hints: HashMap::new(),
             checkpoint,
             previous,
-            ledger_key: *key.public_key(),
+            trusted: key.clone(),
+            ledger_keys: None,
             state,
             frontier: merkle::Frontier::new(),
             prev_leaf: [0; 32],
@@ -468,7 +556,7 @@ impl<S: ReplayState> ExportVerifier<S> {
 
     /// How many entries the checkpoint commits to.
     pub fn expected_entries(&self) -> u64 {
-        self.checkpoint.tree_size()
+        self.checkpoint.tree_size
     }
 
     /// Takes the next entry's stored bytes. Failures are reported in ledger order: an error
@@ -476,11 +564,11 @@ impl<S: ReplayState> ExportVerifier<S> {
     pub fn push(&mut self, bytes: Vec<u8>) -> Result<(), IntegrityFailure> {
         let waiting = self.checking.as_ref().map_or(0, |(_, len)| *len);
         let seen = self.frontier.size() + (waiting + self.pending.len()) as u64;
-        if seen >= self.checkpoint.tree_size() {
+        if seen >= self.checkpoint.tree_size {
             self.drain()?;
             return Err(IntegrityFailure::Count {
                 found: seen + 1,
-                expected: self.checkpoint.tree_size(),
+                expected: self.checkpoint.tree_size,
             });
         }
         self.pending.push(bytes);
@@ -586,21 +674,25 @@ impl<S: ReplayState> ExportVerifier<S> {
                 "prev_hash is not the previous entry's leaf hash".into(),
             ));
         }
-        let (evaluation, event) =
-            rejudge_entry(&entry, event, &self.state, &self.ledger_key, preverified).map_err(
-                |failure| match failure {
-                    EntryFailure::Malformed(what) => entry_failure(what),
-                    EntryFailure::Refused(refusal) => IntegrityFailure::Refused { seq, refusal },
-                    EntryFailure::VerdictMismatch {
-                        recorded,
-                        recomputed,
-                    } => IntegrityFailure::VerdictMismatch {
-                        seq,
-                        recorded,
-                        recomputed,
-                    },
-                },
-            )?;
+        let (evaluation, event) = rejudge_entry(
+            &entry,
+            event,
+            &self.state,
+            &mut self.ledger_keys,
+            preverified,
+        )
+        .map_err(|failure| match failure {
+            EntryFailure::Malformed(what) => entry_failure(what),
+            EntryFailure::Refused(refusal) => IntegrityFailure::Refused { seq, refusal },
+            EntryFailure::VerdictMismatch {
+                recorded,
+                recomputed,
+            } => IntegrityFailure::VerdictMismatch {
+                seq,
+                recorded,
+                recomputed,
+            },
+        })?;
         // An event may be on the ledger once: a repeated event_id means an entry was replayed.
         let first = self
             .state
@@ -618,14 +710,33 @@ impl<S: ReplayState> ExportVerifier<S> {
         self.state
             .apply_delta(evaluation.delta)
             .map_err(|e| IntegrityFailure::State(e.to_string()))?;
-        if let Some(previous) = &self.previous {
-            if self.frontier.size() == previous.tree_size()
-                && self.frontier.root() != previous.root()
-            {
-                return Err(IntegrityFailure::NotExtending {
-                    size: previous.tree_size(),
-                });
-            }
+        if self
+            .previous
+            .as_ref()
+            .is_some_and(|previous| previous.tree_size == self.frontier.size())
+        {
+            self.check_previous()?;
+        }
+        Ok(())
+    }
+
+    /// The entries have reached the previous checkpoint's tree size: the ledger keys active
+    /// there must have signed it, and its root must be theirs.
+    fn check_previous(&mut self) -> Result<(), IntegrityFailure> {
+        let Some(previous) = self.previous.take() else {
+            return Ok(());
+        };
+        let keys = self
+            .ledger_keys
+            .as_ref()
+            .ok_or_else(|| IntegrityFailure::PreviousCheckpoint(CheckpointError::NotSignedByKey))?;
+        previous
+            .verify(self.trusted.origin(), keys)
+            .map_err(IntegrityFailure::PreviousCheckpoint)?;
+        if self.frontier.root() != previous.root {
+            return Err(IntegrityFailure::NotExtending {
+                size: previous.tree_size,
+            });
         }
         Ok(())
     }
@@ -675,19 +786,45 @@ impl<S: ReplayState> ExportVerifier<S> {
     pub fn finish(mut self) -> Result<LedgerReport, IntegrityFailure> {
         self.drain()?;
         let found = self.frontier.size();
-        if found != self.checkpoint.tree_size() {
+        if found != self.checkpoint.tree_size {
             return Err(IntegrityFailure::Count {
                 found,
-                expected: self.checkpoint.tree_size(),
+                expected: self.checkpoint.tree_size,
             });
         }
         let root = self.frontier.root();
-        if root != self.checkpoint.root() {
+        if root != self.checkpoint.root {
             return Err(IntegrityFailure::RootMismatch {
                 computed: hex::encode(root.0),
-                expected: hex::encode(self.checkpoint.root().0),
+                expected: hex::encode(self.checkpoint.root.0),
             });
         }
+        // Every entry holds and the root is the checkpoint's: now the ledger keys the entries
+        // record say who must have signed it, and whether the trusted key leads to them.
+        let origin = self.trusted.origin().to_owned();
+        let Some(keys) = self.ledger_keys.as_ref() else {
+            return Err(IntegrityFailure::Malformed(
+                "the checkpoint commits to no entries; a ledger starts with its genesis".into(),
+            ));
+        };
+        self.checkpoint
+            .verify(&origin, keys)
+            .map_err(IntegrityFailure::Checkpoint)?;
+        let trusted = self.trusted.public_key();
+        if !(keys.descends_from(trusted) || keys.active().contains(trusted)) {
+            return Err(IntegrityFailure::UntrustedKey(
+                self.trusted.key_string().to_owned(),
+            ));
+        }
+        self.report.ledger_keys = keys
+            .active()
+            .iter()
+            .map(|key| {
+                LedgerVerifier::from_public_key(&origin, key)
+                    .map(|verifier| verifier.key_string().to_owned())
+                    .map_err(IntegrityFailure::Checkpoint)
+            })
+            .collect::<Result<_, _>>()?;
         for (kind, count) in std::mem::take(&mut self.kind_counts) {
             *self
                 .report

@@ -24,8 +24,9 @@ fn verifier() -> LedgerVerifier {
 /// Signs `text` as a note by the ledger key, whatever it says (what only the key's holder
 /// can do).
 fn sign_text(signer: &CheckpointSigner, text: &str) -> String {
-    let signature = signer.signing_key.sign(text.as_bytes());
-    let mut sig_bytes = signer.note_key_id.to_be_bytes().to_vec();
+    let key = &signer.keys[0];
+    let signature = key.signing_key.sign(text.as_bytes());
+    let mut sig_bytes = key.note_key_id.to_be_bytes().to_vec();
     sig_bytes.extend_from_slice(&signature.to_bytes());
     format!(
         "{text}\n\u{2014} {} {}\n",

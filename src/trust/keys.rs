@@ -103,7 +103,7 @@ pub fn key_valid_at(key_id: &str, record: &KeyRecord, at_ms: i64) -> Result<(), 
     }
 }
 
-fn role_name(role: Role) -> &'static str {
+pub(super) fn role_name(role: Role) -> &'static str {
     match role {
         Role::Unspecified => "unspecified",
         Role::Admin => "ADMIN",

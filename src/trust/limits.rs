@@ -1,7 +1,7 @@
 //! Field limits and required fields: what makes an event well-formed before any state is read.
 
 use crate::envelope;
-use crate::proto::{event::Body, revocation::Target, Event, Role};
+use crate::proto::{event::Body, ledger_key_rotation::Step, revocation::Target, Event, Role};
 
 use super::Refusal;
 
@@ -208,6 +208,19 @@ pub fn validate_event(event: &Event, payload_len: usize) -> Result<(), Refusal> 
                 None => return Err(malformed("revocation names no token or consent".into())),
             }
             check_len("reason", &revocation.reason, MAX_TEXT_LEN)?;
+        }
+        Body::LedgerKeyRotation(rotation) => {
+            match Step::try_from(rotation.step) {
+                Ok(Step::Begin | Step::Finish | Step::Cancel) => {}
+                Ok(Step::Unspecified) | Err(_) => {
+                    return Err(malformed(format!(
+                        "step {} is not a known rotation step",
+                        rotation.step
+                    )))
+                }
+            }
+            public_key("ledger_public_key", &rotation.ledger_public_key)?;
+            public_key("next_ledger_public_key", &rotation.next_ledger_public_key)?;
         }
     }
     Ok(())

@@ -17,6 +17,7 @@
 
 mod chain;
 mod keys;
+mod ledger_keys;
 mod limits;
 mod memory;
 mod preverify;
@@ -25,6 +26,7 @@ mod records;
 pub mod scopes;
 
 pub use keys::{authorize, key_valid_at, KeyRecord, GENESIS_ADMIN_PRINCIPAL};
+pub use ledger_keys::LedgerKeys;
 pub use limits::{
     validate_event, MAX_DELEGATION_DEPTH, MAX_EVENT_ID_LEN, MAX_ID_LEN, MAX_PAYLOAD_LEN,
     MAX_REPEATED, MAX_TEXT_LEN, MAX_TIME_MS,
@@ -199,6 +201,7 @@ pub fn kind_name(body: &Body) -> &'static str {
         Body::Action(_) => "Action",
         Body::Denial(_) => "Denial",
         Body::Revocation(_) => "Revocation",
+        Body::LedgerKeyRotation(_) => "LedgerKeyRotation",
     }
 }
 
@@ -215,6 +218,7 @@ pub fn event_kind(body: Option<&Body>) -> EventKind {
         Some(Body::Action(_)) => EventKind::Action,
         Some(Body::Denial(_)) => EventKind::Denial,
         Some(Body::Revocation(_)) => EventKind::Revocation,
+        Some(Body::LedgerKeyRotation(_)) => EventKind::LedgerKeyRotation,
     }
 }
 
@@ -278,36 +282,66 @@ pub fn rejudge(
     evaluate(event, &signer, seq, view)
 }
 
-/// Judges entry 0: a genesis naming `ledger_public_key` and signed by it.
+/// Judges entry 0: a genesis signed by the ledger key it names. Returns its evaluation and
+/// the ledger keys it starts with. Which ledger this is, is not the genesis's to say: the
+/// caller checks that its trusted key is one of the ledger's keys (see [`LedgerKeys`]).
 pub fn judge_genesis(
     signed: &SignedEvent,
     event: &Event,
-    ledger_public_key: &[u8; 32],
-) -> Result<Evaluation, Refusal> {
+) -> Result<(Evaluation, LedgerKeys), Refusal> {
     validate_event(event, signed.payload.len())?;
     let Some(Body::Genesis(genesis)) = &event.body else {
         return Err(Refusal::Malformed("entry 0 is not a genesis".into()));
     };
-    if genesis.ledger_public_key != ledger_public_key {
-        return Err(Refusal::Malformed(
-            "the genesis names another ledger key".into(),
-        ));
-    }
-    if signed.key_id != envelope::key_id(ledger_public_key) {
-        return Err(Refusal::UnknownKey(signed.key_id.clone()));
-    }
-    let key = envelope::parse_public_key(ledger_public_key)
-        .map_err(|e| Refusal::BadSignature(e.to_string()))?;
-    envelope::verify_payload(&key, &signed.payload, &signed.signature)
-        .map_err(|e| Refusal::BadSignature(e.to_string()))?;
+    let keys = LedgerKeys::from_genesis(genesis)?;
+    ledger_keys::signed_by(
+        signed,
+        keys.current(),
+        event.occurred_at_ms,
+        "the genesis is signed by the ledger key it names",
+    )?;
     let record = KeyRecord::admin_from_genesis(genesis, 0);
-    Ok(plain(
+    let evaluation = plain(
         vec![StateChange::PutKey {
             key_id: record.key_id(),
             record,
         }],
         vec![],
-    ))
+    );
+    Ok((evaluation, keys))
+}
+
+/// Judges a stored entry again, whatever its kind: entry 0 as [`judge_genesis`], the
+/// ledger's key rotations by [`LedgerKeys::judge`] against `ledger_keys` (the keys the
+/// entries before built; `None` before the genesis), every other entry as [`rejudge`].
+/// `ledger_keys` is updated when the entry holds. The server's rebuild and the offline
+/// verifier both judge through here.
+pub fn rejudge_stored(
+    signed: &SignedEvent,
+    event: &Event,
+    seq: u64,
+    view: &impl TrustView,
+    ledger_keys: &mut Option<LedgerKeys>,
+    preverified: Option<&[u8; 32]>,
+) -> Result<Result<Evaluation, Refusal>, ViewError> {
+    if seq == 0 {
+        return Ok(judge_genesis(signed, event).map(|(evaluation, keys)| {
+            *ledger_keys = Some(keys);
+            evaluation
+        }));
+    }
+    if let Some(Body::LedgerKeyRotation(_)) = &event.body {
+        let Some(keys) = ledger_keys.as_ref() else {
+            return Ok(Err(Refusal::Malformed(
+                "a ledger key rotation without the genesis before it".into(),
+            )));
+        };
+        return Ok(keys.judge(signed, event).map(|(evaluation, after)| {
+            *ledger_keys = Some(after);
+            evaluation
+        }));
+    }
+    rejudge(signed, event, seq, view, preverified)
 }
 
 /// Evaluates an authorized event (key valid, signature checked, [`authorize`] passed) at
@@ -369,6 +403,11 @@ pub fn evaluate(
         Body::Action(action) => chain::action(action, at, view),
         Body::Denial(denial) => chain::denial(denial, view),
         Body::Revocation(revocation) => chain::revocation(revocation, signer, at, seq, view),
+        // `authorize` lets no key sign one: the ledger writes them, judged by `LedgerKeys`.
+        Body::LedgerKeyRotation(_) => Ok(Err(Refusal::RoleNotAllowed {
+            role: keys::role_name(signer.role()),
+            kind: "LedgerKeyRotation",
+        })),
     }
 }
 

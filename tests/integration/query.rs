@@ -240,7 +240,10 @@ async fn oracle(ledger: &TestLedger) -> Vec<Facts> {
                     f.consents.insert(id);
                 }
             },
-            Body::Genesis(_) | Body::KeyGrant(_) | Body::KeyRevocation(_) => {}
+            Body::Genesis(_)
+            | Body::KeyGrant(_)
+            | Body::KeyRevocation(_)
+            | Body::LedgerKeyRotation(_) => {}
         }
         all.push(f);
     }
