@@ -449,4 +449,78 @@ mod tests {
         assert!(LedgerVerifier::parse("not+a+key").is_err());
         assert!(CheckpointSigner::new("has space", SigningKey::from_bytes(&[1; 32])).is_err());
     }
+
+    #[test]
+    fn a_signer_with_a_next_key_signs_with_both_and_either_key_opens_the_note() {
+        let old = SigningKey::from_bytes(&[1; 32]);
+        let new = SigningKey::from_bytes(&[2; 32]);
+        let signer = CheckpointSigner::new("example.com/log", old.clone())
+            .unwrap()
+            .with_next(new.clone())
+            // Adding a key it already has changes nothing.
+            .with_next(old.clone());
+        assert_eq!(signer.verifier_keys().len(), 2);
+        assert_eq!(signer.verifier_key(), signer.verifier_keys()[0]);
+        assert_eq!(
+            signer.public_keys(),
+            vec![
+                old.verifying_key().to_bytes(),
+                new.verifying_key().to_bytes()
+            ]
+        );
+        let root = Hash([7; 32]);
+        let note = signer.sign(42, &root);
+        assert_eq!(note.matches('\u{2014}').count(), 2, "{note}");
+        let keys: Vec<LedgerVerifier> = signer
+            .verifier_keys()
+            .iter()
+            .map(|k| LedgerVerifier::parse(k).unwrap())
+            .collect();
+        for key in &keys {
+            let opened = open(&note, key).unwrap();
+            assert_eq!((opened.tree_size(), opened.root()), (42, root));
+        }
+        // Both at once, in either order, and a key given twice.
+        let both = [keys[1].clone(), keys[0].clone(), keys[1].clone()];
+        assert_eq!(parse(&note).unwrap().verify(&both).unwrap().tree_size(), 42);
+        // A note by the old key alone lacks the new key's signature.
+        let old_only = CheckpointSigner::new("example.com/log", old)
+            .unwrap()
+            .sign(42, &root);
+        assert_eq!(
+            parse(&old_only).unwrap().verify(&keys),
+            Err(CheckpointError::MissingSignature(
+                keys[1].key_string().to_owned()
+            ))
+        );
+        assert_eq!(
+            open(&old_only, &keys[1]),
+            Err(CheckpointError::NotSignedByKey)
+        );
+        assert_eq!(
+            parse(&note).unwrap().verify(&[]),
+            Err(CheckpointError::NotSignedByKey)
+        );
+        // One altered signature fails the note even for the other key's holder.
+        let other = CheckpointSigner::new("example.com/log", new)
+            .unwrap()
+            .sign(43, &root);
+        let (kept, _) = note.trim_end().rsplit_once('\n').unwrap();
+        let forged = format!(
+            "{kept}\n{}\n",
+            other.trim_end().rsplit_once('\n').unwrap().1
+        );
+        assert_eq!(open(&forged, &keys[0]).unwrap().tree_size(), 42);
+        assert_eq!(open(&forged, &keys[1]), Err(CheckpointError::BadSignature));
+    }
+
+    #[test]
+    fn verifiers_are_made_from_public_keys_as_from_key_strings() {
+        let (_, signer) = vector_signer();
+        let public = signer.public_keys()[0];
+        let made = LedgerVerifier::from_public_key(signer.origin(), &public).unwrap();
+        assert_eq!(made.key_string(), signer.verifier_key());
+        assert_eq!(made.public_key(), &public);
+        assert!(LedgerVerifier::from_public_key("has space", &public).is_err());
+    }
 }

@@ -1648,6 +1648,187 @@ mod tests {
         );
     }
 
+    /// Verifies the ledger's stored entries up to `note`'s tree size for a caller trusting
+    /// `key`, optionally extending `previous`.
+    fn verify_stored(
+        ledger: &Ledger,
+        note: &str,
+        key: &SigningKey,
+        previous: Option<&str>,
+    ) -> Result<crate::verify::LedgerReport, crate::verify::IntegrityFailure> {
+        let size = checkpoint::parse(note)
+            .unwrap()
+            .unverified_body()
+            .unwrap()
+            .1;
+        let key = LedgerVerifier::from_public_key(ledger.origin(), key.verifying_key().as_bytes())
+            .unwrap();
+        let entries = ledger
+            .store()
+            .entries(0, size)
+            .map(|item| item.map(|(_, bytes)| bytes));
+        crate::verify::verify_entries(note, entries, &key, previous, MemoryState::new(), |_, _| ())
+            .unwrap()
+    }
+
+    /// Whether `note` carries a valid signature by `key`.
+    fn signed_by(ledger: &Ledger, note: &str, key: &SigningKey) -> bool {
+        let key = LedgerVerifier::from_public_key(ledger.origin(), key.verifying_key().as_bytes())
+            .unwrap();
+        checkpoint::open(note, &key).is_ok()
+    }
+
+    #[test]
+    fn the_ledger_key_rotates_in_recorded_steps_and_verifiers_follow_them() {
+        use crate::proto::LedgerKeyRotation;
+        use crate::verify::IntegrityFailure;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ledger, user, issuer) = ledger_with_keys(dir.path());
+        let old = SigningKey::from_bytes(&[2; 32]);
+        let new = SigningKey::from_bytes(&[5; 32]);
+        let withdrawn = SigningKey::from_bytes(&[6; 32]);
+        let stranger = SigningKey::from_bytes(&[7; 32]);
+        let before = ledger.head().checkpoint;
+
+        // Nothing under way: finish and cancel are refused and write nothing.
+        assert!(matches!(
+            ledger.finish_key_rotation(),
+            Err(LedgerError::Rotation(Refusal::Conflict(_)))
+        ));
+        assert!(matches!(
+            ledger.cancel_key_rotation(),
+            Err(LedgerError::Rotation(Refusal::Conflict(_)))
+        ));
+        assert_eq!(ledger.head().tree_size, 3);
+
+        // A rotation begun and cancelled: while under way both keys sign; afterwards the old
+        // key alone, and the withdrawn key may not come back.
+        let begun = ledger.begin_key_rotation(withdrawn.clone()).unwrap();
+        assert_eq!(begun.seq, 3);
+        assert!(signed_by(&ledger, &begun.checkpoint, &old));
+        assert!(signed_by(&ledger, &begun.checkpoint, &withdrawn));
+        assert_eq!(ledger.verifier_keys().len(), 2);
+        assert!(matches!(
+            ledger.begin_key_rotation(new.clone()),
+            Err(LedgerError::Rotation(Refusal::Conflict(_)))
+        ));
+        let cancelled = ledger.cancel_key_rotation().unwrap();
+        assert!(signed_by(&ledger, &cancelled.checkpoint, &old));
+        assert!(!signed_by(&ledger, &cancelled.checkpoint, &withdrawn));
+        assert!(matches!(
+            ledger.begin_key_rotation(withdrawn.clone()),
+            Err(LedgerError::Rotation(Refusal::Conflict(_)))
+        ));
+
+        // The real rotation. Appends go on meanwhile, under checkpoints both keys sign.
+        ledger.begin_key_rotation(new.clone()).unwrap();
+        let (consent, token) = consent_and_token(&user, &issuer);
+        let outcomes = ledger.append_batch(vec![consent, token]).unwrap();
+        let during = outcomes[1].as_ref().unwrap().checkpoint.clone();
+        assert!(signed_by(&ledger, &during, &old) && signed_by(&ledger, &during, &new));
+        // No client can write a rotation step: not the admin, not with the ledger's own key.
+        let forged_step = Event {
+            event_id: "forged-step".into(),
+            occurred_at_ms: now_ms(),
+            body: Some(Body::LedgerKeyRotation(LedgerKeyRotation {
+                step: Step::Finish as i32,
+                ledger_public_key: old.verifying_key().to_bytes().to_vec(),
+                next_ledger_public_key: new.verifying_key().to_bytes().to_vec(),
+            })),
+        };
+        let outcomes = ledger
+            .append_batch(vec![
+                envelope::sign_event(&admin(), &forged_step),
+                envelope::sign_event(&new, &forged_step),
+            ])
+            .unwrap();
+        assert!(matches!(outcomes[0], Err(Refusal::RoleNotAllowed { .. })));
+        assert!(matches!(outcomes[1], Err(Refusal::UnknownKey(_))));
+
+        // Mid-rotation, a verifier trusting either key accepts the ledger; the withdrawn key
+        // and a stranger are not the ledger's.
+        for key in [&old, &new] {
+            let report = verify_stored(&ledger, &during, key, Some(&before)).unwrap();
+            assert_eq!(report.ledger_keys, ledger.verifier_keys());
+            assert_eq!(report.entries_by_kind["ledger_key_rotation"], 3);
+        }
+        for key in [&withdrawn, &stranger] {
+            assert!(matches!(
+                verify_stored(&ledger, &during, key, None),
+                Err(IntegrityFailure::UntrustedKey(_))
+            ));
+        }
+        // A checkpoint signed by the old key alone, after the rotation began, is refused.
+        let head = ledger.head();
+        let old_only = CheckpointSigner::new(ledger.origin(), old.clone())
+            .unwrap()
+            .sign(head.tree_size, &head.root);
+        assert!(matches!(
+            verify_stored(&ledger, &old_only, &old, None),
+            Err(IntegrityFailure::Checkpoint(
+                CheckpointError::MissingSignature(_)
+            ))
+        ));
+
+        // Reopening needs the next key too.
+        drop(ledger);
+        let reopen = |keys: &[SigningKey]| Ledger::open(Store::open(dir.path()).unwrap(), keys);
+        assert!(matches!(
+            reopen(std::slice::from_ref(&old)),
+            Err(LedgerError::Mismatch(_))
+        ));
+        let mut ledger = reopen(&[stranger.clone(), new.clone(), old.clone()]).unwrap();
+        assert_eq!(ledger.verifier_keys().len(), 2);
+
+        // Finish: the new key alone signs from now on.
+        let finished = ledger.finish_key_rotation().unwrap();
+        assert!(signed_by(&ledger, &finished.checkpoint, &new));
+        assert!(!signed_by(&ledger, &finished.checkpoint, &old));
+        assert_eq!(
+            ledger.ledger_keys().current(),
+            new.verifying_key().as_bytes()
+        );
+        let after = ledger.head().checkpoint;
+        // An auditor still holding the old key follows the rotation to the new one; one
+        // holding the new key also accepts the history the old key signed.
+        for key in [&old, &new] {
+            let report = verify_stored(&ledger, &after, key, Some(&before)).unwrap();
+            assert_eq!(report.ledger_keys, vec![ledger.verifier_key()]);
+            assert_eq!(report.extends_previous, Some(3));
+            let report = verify_stored(&ledger, &after, key, Some(&during)).unwrap();
+            assert_eq!(report.tree_size, ledger.head().tree_size);
+        }
+        assert!(matches!(
+            verify_stored(&ledger, &after, &withdrawn, None),
+            Err(IntegrityFailure::UntrustedKey(_))
+        ));
+        // The retired key signs nothing any more: a checkpoint it alone signs is refused.
+        let head = ledger.head();
+        let retired = CheckpointSigner::new(ledger.origin(), old.clone())
+            .unwrap()
+            .sign(head.tree_size, &head.root);
+        assert!(matches!(
+            verify_stored(&ledger, &retired, &old, None),
+            Err(IntegrityFailure::Checkpoint(
+                CheckpointError::NotSignedByKey
+            ))
+        ));
+
+        // The old key alone no longer opens the ledger; rebuilt from the entries alone, it
+        // comes back with the same head under the new key.
+        drop(ledger);
+        assert!(matches!(
+            reopen(std::slice::from_ref(&old)),
+            Err(LedgerError::Mismatch(_))
+        ));
+        let store = Store::open(dir.path()).unwrap();
+        store.drop_derived().unwrap();
+        let rebuilt = Ledger::open(store, std::slice::from_ref(&new)).unwrap();
+        assert_eq!(rebuilt.head().root, head.root);
+        assert!(signed_by(&rebuilt, &rebuilt.head().checkpoint, &new));
+        assert_eq!(rebuilt.verifier_keys(), vec![rebuilt.verifier_key()]);
+    }
+
     #[test]
     fn a_stage_that_panics_stops_appends() {
         let dir = tempfile::tempdir().unwrap();

@@ -729,7 +729,9 @@ impl<S: ReplayState> ExportVerifier<S> {
         let keys = self
             .ledger_keys
             .as_ref()
-            .ok_or_else(|| IntegrityFailure::PreviousCheckpoint(CheckpointError::NotSignedByKey))?;
+            .ok_or(IntegrityFailure::PreviousCheckpoint(
+                CheckpointError::NotSignedByKey,
+            ))?;
         previous
             .verify(self.trusted.origin(), keys)
             .map_err(IntegrityFailure::PreviousCheckpoint)?;

@@ -616,3 +616,141 @@ async fn settings_come_from_flags_then_environment_then_the_config_file() {
         "{stderr}"
     );
 }
+
+/// The ledger key rotated as the README tells an operator to: stop the server, `rotate-key
+/// begin`, serve (checkpoints carry both keys' signatures), stop, `rotate-key finish`,
+/// serve. Auditors holding the old key or the new one verify the ledger at every step, and the
+/// old seed is gone from the data directory at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_key_rotates_in_steps_taken_while_the_server_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("server.log");
+    let read = |file: &str| std::fs::read_to_string(data.join(file)).map(|s| s.trim().to_owned());
+    let rotate = |step: &str| {
+        Command::new(env!("CARGO_BIN_EXE_custody"))
+            .args(["rotate-key", step, "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap()
+    };
+    let verify = |key: &str, previous: Option<&Path>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_custody"));
+        command
+            .args(["verify", "--data-dir"])
+            .arg(&data)
+            .args(["--ledger-key", key]);
+        if let Some(previous) = previous {
+            command.arg("--previous-checkpoint").arg(previous);
+        }
+        command.output().unwrap()
+    };
+    let opens = |note: &str, key: &str| {
+        checkpoint::open(note, &LedgerVerifier::parse(key).unwrap())
+            .map(|c| c.tree_size())
+            .ok()
+    };
+
+    let server = Server::start(&data, &log).await;
+    grant_issuers(&server).await;
+    let before = dir.path().join("before.note");
+    std::fs::write(&before, server.checkpoint().await).unwrap();
+    server.terminate();
+    let old_pub = read("ledger.pub").unwrap();
+    let old_seed = read("ledger.key").unwrap();
+
+    // Nothing under way yet: finish and cancel are refused (exit 1) and write nothing.
+    for step in ["finish", "cancel"] {
+        let output = rotate(step);
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("no ledger key rotation is under way"),
+            "{stderr}"
+        );
+    }
+
+    // Begin: a next key is generated (owner-only) and both keys sign from now on.
+    let output = rotate("begin");
+    assert!(output.status.success(), "{output:?}");
+    let began: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let next_pub = read("ledger.next.pub").unwrap();
+    assert_eq!(
+        began["checkpoint_keys"],
+        serde_json::json!([old_pub, next_pub])
+    );
+    assert_eq!(began["generated_next_key"], true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(data.join("ledger.next.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let next_seed = read("ledger.next.key").unwrap();
+    // A second begin is refused while this one is under way.
+    assert_eq!(rotate("begin").status.code(), Some(1));
+
+    // Serving mid-rotation: appends go on under checkpoints both keys sign.
+    let server = Server::start(&data, &log).await;
+    let mut ledger = LedgerClient::connect(server.url.clone()).await.unwrap();
+    let grant = key_grant("grant-mid-rotation", &key(77), Role::Issuer, "auth.example");
+    ledger.append(sign(&key(1), &grant)).await.unwrap();
+    let note = server.checkpoint().await;
+    assert!(opens(&note, &old_pub).is_some() && opens(&note, &next_pub).is_some());
+    server.terminate();
+    for key in [&old_pub, &next_pub] {
+        let output = verify(key, Some(&before));
+        assert!(output.status.success(), "{output:?}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            stdout.contains(&format!("checkpoint signed by: {old_pub}, {next_pub}")),
+            "{stdout}"
+        );
+    }
+
+    // Finish: the next key becomes the ledger key; the old seed is gone.
+    let output = rotate("finish");
+    assert!(output.status.success(), "{output:?}");
+    let finished: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(finished["checkpoint_keys"], serde_json::json!([next_pub]));
+    assert_eq!(read("ledger.key").unwrap(), next_seed);
+    assert_eq!(read("ledger.pub").unwrap(), next_pub);
+    assert!(!data.join("ledger.next.key").exists() && !data.join("ledger.next.pub").exists());
+    let all_files: Vec<String> = std::fs::read_dir(&data)
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
+        .collect();
+    assert!(!all_files.iter().any(|text| text.contains(&old_seed)));
+
+    // Serving after the rotation: the new key alone signs.
+    let server = Server::start(&data, &log).await;
+    let note = server.checkpoint().await;
+    assert!(opens(&note, &next_pub).is_some());
+    assert_eq!(opens(&note, &old_pub), None);
+    server.terminate();
+    // An auditor holding the old key follows the recorded rotation; one holding the new key
+    // accepts the history the old key signed, and both see it extend the earlier checkpoint.
+    for key in [&old_pub, &next_pub] {
+        let output = verify(key, Some(&before));
+        assert!(output.status.success(), "{output:?}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            stdout.contains(&format!("checkpoint signed by: {next_pub}\n")),
+            "{stdout}"
+        );
+        assert!(stdout.contains("ledger_key_rotation 2"), "{stdout}");
+    }
+    // A key that never was this ledger's is refused.
+    let stranger = custody::checkpoint::CheckpointSigner::new(
+        LedgerVerifier::parse(&old_pub).unwrap().origin(),
+        SigningKey::from_bytes(&[99; 32]),
+    )
+    .unwrap()
+    .verifier_key();
+    let output = verify(&stranger, None);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("not a ledger key of this ledger"));
+}

@@ -207,3 +207,67 @@ async fn a_rewritten_entry_stops_the_rebuild() {
         .expect("a rewritten entry must stop the rebuild");
     assert!(error.to_string().contains("entry 12"), "{error}");
 }
+
+/// A crash between a rotation step's entry and its file step: the next open settles the key
+/// files with what the entries record.
+#[test]
+fn a_rotation_step_interrupted_before_its_file_step_is_settled_on_the_next_open() {
+    use custody::ledger::Ledger;
+    use custody::store::Store;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let read = |file: &str| std::fs::read_to_string(data.join(file)).unwrap();
+    let config = Config::new(data);
+    drop(server::open_ledger(&config).unwrap());
+    let begun = server::rotate_key(data, server::RotationStep::Begin).unwrap();
+    assert_eq!(begun.verifier_keys.len(), 2);
+    let next_seed = read("ledger.next.key");
+
+    // The FINISH entry is durable, then the process dies before renaming the key file.
+    let keyring: Vec<_> = ["ledger.key", "ledger.next.key"]
+        .iter()
+        .map(|file| server::parse_seed(&read(file)).unwrap())
+        .collect();
+    let mut ledger = Ledger::open(Store::open(&data.join("db")).unwrap(), &keyring).unwrap();
+    ledger.finish_key_rotation().unwrap();
+    drop(ledger);
+    assert_ne!(read("ledger.key"), next_seed);
+
+    let (ledger, _) = server::open_ledger(&config).unwrap();
+    assert_eq!(read("ledger.key"), next_seed);
+    assert!(!data.join("ledger.next.key").exists());
+    assert_eq!(read("ledger.pub").trim(), ledger.verifier_key());
+    assert!(!data.join("ledger.next.pub").exists());
+    drop(ledger);
+
+    // The same for a CANCEL whose key file was not removed: the withdrawn key's file goes.
+    server::rotate_key(data, server::RotationStep::Begin).unwrap();
+    let keyring: Vec<_> = ["ledger.key", "ledger.next.key"]
+        .iter()
+        .map(|file| server::parse_seed(&read(file)).unwrap())
+        .collect();
+    let mut ledger = Ledger::open(Store::open(&data.join("db")).unwrap(), &keyring).unwrap();
+    ledger.cancel_key_rotation().unwrap();
+    drop(ledger);
+    assert!(data.join("ledger.next.key").exists());
+    let (ledger, _) = server::open_ledger(&config).unwrap();
+    assert!(!data.join("ledger.next.key").exists());
+    assert!(!data.join("ledger.next.pub").exists());
+    assert_eq!(ledger.verifier_keys(), vec![ledger.verifier_key()]);
+    drop(ledger);
+
+    // A begin that died after writing the next key but before its entry: the key is not in
+    // use, and the next begin takes it.
+    let spare = server::generate_key();
+    std::fs::write(data.join("ledger.next.key"), hex::encode(spare.to_bytes())).unwrap();
+    drop(server::open_ledger(&config).unwrap());
+    assert!(data.join("ledger.next.key").exists());
+    let begun = server::rotate_key(data, server::RotationStep::Begin).unwrap();
+    assert!(!begun.generated);
+    assert!(begun.verifier_keys[1].ends_with(&{
+        use base64::Engine as _;
+        let mut encoded = vec![1u8];
+        encoded.extend_from_slice(spare.verifying_key().as_bytes());
+        base64::engine::general_purpose::STANDARD.encode(encoded)
+    }));
+}
