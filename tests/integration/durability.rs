@@ -218,17 +218,21 @@ fn a_rotation_step_interrupted_before_its_file_step_is_settled_on_the_next_open(
     let data = dir.path();
     let read = |file: &str| std::fs::read_to_string(data.join(file)).unwrap();
     let config = Config::new(data);
+    // The ledger with both keys on disk, opened directly (as `rotate-key` does).
+    let open_with_both = || {
+        let keyring: Vec<_> = ["ledger.key", "ledger.next.key"]
+            .iter()
+            .map(|file| server::parse_seed(&read(file)).unwrap())
+            .collect();
+        Ledger::open(Store::open(&data.join("db")).unwrap(), &keyring).unwrap()
+    };
     drop(server::open_ledger(&config).unwrap());
     let begun = server::rotate_key(data, server::RotationStep::Begin).unwrap();
     assert_eq!(begun.verifier_keys.len(), 2);
     let next_seed = read("ledger.next.key");
 
     // The FINISH entry is durable, then the process dies before renaming the key file.
-    let keyring: Vec<_> = ["ledger.key", "ledger.next.key"]
-        .iter()
-        .map(|file| server::parse_seed(&read(file)).unwrap())
-        .collect();
-    let mut ledger = Ledger::open(Store::open(&data.join("db")).unwrap(), &keyring).unwrap();
+    let mut ledger = open_with_both();
     ledger.finish_key_rotation().unwrap();
     drop(ledger);
     assert_ne!(read("ledger.key"), next_seed);
@@ -242,11 +246,7 @@ fn a_rotation_step_interrupted_before_its_file_step_is_settled_on_the_next_open(
 
     // The same for a CANCEL whose key file was not removed: the withdrawn key's file goes.
     server::rotate_key(data, server::RotationStep::Begin).unwrap();
-    let keyring: Vec<_> = ["ledger.key", "ledger.next.key"]
-        .iter()
-        .map(|file| server::parse_seed(&read(file)).unwrap())
-        .collect();
-    let mut ledger = Ledger::open(Store::open(&data.join("db")).unwrap(), &keyring).unwrap();
+    let mut ledger = open_with_both();
     ledger.cancel_key_rotation().unwrap();
     drop(ledger);
     assert!(data.join("ledger.next.key").exists());
