@@ -125,6 +125,11 @@ fn bench_envelope(c: &mut Criterion) {
         group.bench_function(size.to_string(), |b| {
             b.iter(|| envelope::verify_batch(black_box(&items)))
         });
+        // The same batch by ed25519-dalek's batch equation (terms by one key not coalesced).
+        assert!(envelope::dalek_batch_holds(&items));
+        group.bench_function(format!("dalek/{size}"), |b| {
+            b.iter(|| envelope::dalek_batch_holds(black_box(&items)))
+        });
     }
     group.finish();
 }
