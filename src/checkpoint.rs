@@ -117,10 +117,7 @@ impl CheckpointSigner {
     }
 
     fn add_key(&mut self, signing_key: SigningKey) {
-        let note_key_id = signed_note::key_id(
-            &self.origin,
-            &encoded_public_key(&signing_key.verifying_key()),
-        );
+        let note_key_id = note_key_id(&self.origin, &signing_key.verifying_key());
         self.keys.push(NoteKey {
             note_key_id,
             signing_key,
@@ -171,6 +168,11 @@ impl CheckpointSigner {
         }
         note
     }
+}
+
+/// The 4-byte note key hash of Ed25519 `key` under `name`, which names its signature lines.
+pub fn note_key_id(name: &str, key: &VerifyingKey) -> u32 {
+    signed_note::key_id(name, &encoded_public_key(key))
 }
 
 /// The C2SP verifier key string of an Ed25519 key under `name`.
@@ -327,6 +329,9 @@ impl CheckpointNote {
         );
         let (verified, _) = self.parsed.verify(&verifiers).map_err(|e| match e {
             signed_note::NoteError::InvalidSignature { .. } => CheckpointError::BadSignature,
+            _ if distinct.len() > 1 => {
+                CheckpointError::MissingSignature(first.key_string().to_owned())
+            }
             _ => CheckpointError::NotSignedByKey,
         })?;
         for key in &distinct {
@@ -349,7 +354,6 @@ impl CheckpointNote {
                 found: origin,
             });
         }
-        debug_assert_eq!(first.origin(), origin);
         Ok(VerifiedCheckpoint {
             origin,
             tree_size,

@@ -71,7 +71,7 @@ pub enum LedgerError {
     /// The store failed or is inconsistent.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The newest checkpoint does not verify under the ledger key.
+    /// The newest checkpoint is not signed by the ledger keys its entries record.
     #[error("couldn't verify the stored checkpoint: {0}")]
     Checkpoint(#[from] CheckpointError),
     /// The store belongs to another ledger (other key or origin), its genesis is unusable, or
@@ -183,10 +183,33 @@ impl Ledger {
     /// If only the entries are left (the derived data was deleted or lost), everything else is
     /// rebuilt from them first: each entry is judged again and must get its recorded verdict.
     pub fn open(store: Store, keyring: &[SigningKey]) -> Result<Self, LedgerError> {
+        Self::open_with(store, keyring, true)
+    }
+
+    /// Withdraws the rotation under way on a stopped ledger whose next private key is lost:
+    /// opens it with the current key alone (checking the newest checkpoint against the
+    /// public keys its entries record) and appends the CANCEL, signed by the current key.
+    /// Returns the entry's receipt once it is durable. Nothing else can be done with a
+    /// ledger opened without its next key, so none is returned.
+    pub fn cancel_key_rotation_without_next_key(
+        store: Store,
+        keyring: &[SigningKey],
+    ) -> Result<Receipt, LedgerError> {
+        Self::open_with(store, keyring, false)?.cancel_key_rotation()
+    }
+
+    /// [`open`](Self::open); with `need_next` false, a missing next key is no error (the
+    /// ledger may then only cancel the rotation).
+    fn open_with(
+        store: Store,
+        keyring: &[SigningKey],
+        need_next: bool,
+    ) -> Result<Self, LedgerError> {
         let genesis = read_genesis(&store)?;
         if store.head()?.is_none() || store.rebuild_pending()? {
             // Find the keys first (the kind index is gone): the rebuild signs checkpoints.
-            let (current_key, next_key) = private_keys(&scanned_ledger_keys(&store)?, keyring)?;
+            let (current_key, next_key) =
+                private_keys(&scanned_ledger_keys(&store)?, keyring, true)?;
             let signer = checkpoint_signer(&genesis.origin, &current_key, next_key.as_ref())?;
             // A rebuild interrupted by a crash starts over: the marker is removed only with
             // the last chunk.
@@ -197,12 +220,12 @@ impl Ledger {
             .head()?
             .ok_or_else(|| LedgerError::Mismatch("the store holds no ledger".into()))?;
         let ledger_keys = indexed_ledger_keys(&store, head.tree_size)?;
-        let (current_key, next_key) = private_keys(&ledger_keys, keyring)?;
+        let (current_key, next_key) = private_keys(&ledger_keys, keyring, need_next)?;
         let signer = checkpoint_signer(&genesis.origin, &current_key, next_key.as_ref())?;
-        let verifiers = signer
-            .verifier_keys()
+        let verifiers = ledger_keys
+            .active()
             .iter()
-            .map(|key| LedgerVerifier::parse(key))
+            .map(|key| LedgerVerifier::from_public_key(&genesis.origin, key))
             .collect::<Result<Vec<_>, _>>()?;
         let verified = checkpoint::parse(&head.checkpoint)?.verify(&verifiers)?;
         if verified.tree_size() != head.tree_size || verified.root() != head.root {
@@ -275,6 +298,14 @@ impl Ledger {
     /// written) while another rotation is under way, or if `next` was a ledger key before.
     pub fn begin_key_rotation(&mut self, next: SigningKey) -> Result<Receipt, LedgerError> {
         let next_public = next.verifying_key().to_bytes();
+        if checkpoint::note_key_id(self.origin(), &next.verifying_key())
+            == checkpoint::note_key_id(self.origin(), &self.current_key.verifying_key())
+        {
+            // One in 2^32: checkpoint notes could not tell the two keys' signatures apart.
+            return Err(LedgerError::Rotation(Refusal::Conflict(
+                "the next key's note key hash equals the current key's; use another key".into(),
+            )));
+        }
         let after =
             CheckpointSigner::new(self.origin(), self.current_key.clone())?.with_next(next.clone());
         let signer = self.current_key.clone();
@@ -300,25 +331,19 @@ impl Ledger {
     /// which from this entry on signs checkpoints alone; the withdrawn next key may never
     /// become a ledger key. Returns the entry's receipt once it is durable.
     pub fn cancel_key_rotation(&mut self) -> Result<Receipt, LedgerError> {
-        let next = self.rotation_under_way()?;
+        // Only the next key's public half is needed: it may be lost.
+        let Some(&next) = self.ledger_keys.next() else {
+            return Err(no_rotation_under_way());
+        };
         let after = CheckpointSigner::new(self.origin(), self.current_key.clone())?;
         let signer = self.current_key.clone();
-        let receipt = self.write_rotation(
-            Step::Cancel,
-            &signer,
-            next.verifying_key().to_bytes(),
-            after,
-        )?;
+        let receipt = self.write_rotation(Step::Cancel, &signer, next, after)?;
         self.next_key = None;
         Ok(receipt)
     }
 
     fn rotation_under_way(&self) -> Result<SigningKey, LedgerError> {
-        self.next_key.clone().ok_or_else(|| {
-            LedgerError::Rotation(Refusal::Conflict(
-                "no ledger key rotation is under way".into(),
-            ))
-        })
+        self.next_key.clone().ok_or_else(no_rotation_under_way)
     }
 
     /// Appends one rotation step signed by `signing_key` as a batch of its own whose
@@ -374,8 +399,9 @@ impl Ledger {
             })),
         };
         let signed = envelope::sign_event(signing_key, &event);
-        let (evaluation, keys_after) = match self.ledger_keys.judge(&signed, &event) {
-            Ok(judged) => judged,
+        let mut keys_after = self.ledger_keys.clone();
+        let evaluation = match keys_after.judge(&signed, &event, batch.next_seq()) {
+            Ok(evaluation) => evaluation,
             Err(refusal) => return Ok(Err(refusal)),
         };
         let verdict = evaluation.verdict.clone();
@@ -910,11 +936,18 @@ fn ledger_keys_of(
     keys.ok_or_else(|| LedgerError::Mismatch("the store has no genesis entry".into()))
 }
 
+fn no_rotation_under_way() -> LedgerError {
+    LedgerError::Rotation(Refusal::Conflict(
+        "no ledger key rotation is under way".into(),
+    ))
+}
+
 /// Picks from `keyring` the private halves of the current ledger key and of the next key,
-/// if a rotation is under way.
+/// if a rotation is under way (a missing next key is an error only if `need_next`).
 fn private_keys(
     keys: &LedgerKeys,
     keyring: &[SigningKey],
+    need_next: bool,
 ) -> Result<(SigningKey, Option<SigningKey>), LedgerError> {
     let find = |public: &[u8; 32]| {
         keyring
@@ -928,14 +961,17 @@ fn private_keys(
             envelope::key_id(keys.current())
         ))
     })?;
-    let next = match keys.next() {
-        Some(public) => Some(find(public).ok_or_else(|| {
-            LedgerError::Mismatch(format!(
-                "a ledger key rotation to key {} is under way, but that key was not given",
+    let next = match keys.next().map(|public| (public, find(public))) {
+        Some((_, Some(key))) => Some(key),
+        Some((public, None)) if need_next => {
+            return Err(LedgerError::Mismatch(format!(
+                "a ledger key rotation to key {} is under way, but that key's private half was \
+                 not given (ledger.next.key is missing or unreadable): restore it, or withdraw \
+                 the rotation with `custody rotate-key cancel`",
                 envelope::key_id(public)
-            ))
-        })?),
-        None => None,
+            )))
+        }
+        Some((_, None)) | None => None,
     };
     Ok((current, next))
 }
@@ -1747,15 +1783,19 @@ mod tests {
 
         // Mid-rotation, a verifier trusting either key accepts the ledger; the withdrawn key
         // and a stranger are not the ledger's.
-        for key in [&old, &new] {
+        for (key, status) in [
+            (&old, trust::KeyStatus::Current { since: 0 }),
+            (&new, trust::KeyStatus::Next { since: 5 }),
+        ] {
             let report = verify_stored(&ledger, &during, key, Some(&before)).unwrap();
             assert_eq!(report.ledger_keys, ledger.verifier_keys());
             assert_eq!(report.entries_by_kind["ledger_key_rotation"], 3);
+            assert_eq!(report.trusted_key, status);
         }
         for key in [&withdrawn, &stranger] {
             assert!(matches!(
                 verify_stored(&ledger, &during, key, None),
-                Err(IntegrityFailure::UntrustedKey(_))
+                Err(IntegrityFailure::UntrustedKey { .. })
             ));
         }
         // A checkpoint signed by the old key alone, after the rotation began, is refused.
@@ -1791,16 +1831,21 @@ mod tests {
         let after = ledger.head().checkpoint;
         // An auditor still holding the old key follows the rotation to the new one; one
         // holding the new key also accepts the history the old key signed.
-        for key in [&old, &new] {
+        let finish_seq = finished.seq;
+        for (key, status) in [
+            (&old, trust::KeyStatus::Retired { at: finish_seq }),
+            (&new, trust::KeyStatus::Current { since: finish_seq }),
+        ] {
             let report = verify_stored(&ledger, &after, key, Some(&before)).unwrap();
             assert_eq!(report.ledger_keys, vec![ledger.verifier_key()]);
+            assert_eq!(report.trusted_key, status);
             assert_eq!(report.extends_previous, Some(3));
             let report = verify_stored(&ledger, &after, key, Some(&during)).unwrap();
             assert_eq!(report.tree_size, ledger.head().tree_size);
         }
         assert!(matches!(
             verify_stored(&ledger, &after, &withdrawn, None),
-            Err(IntegrityFailure::UntrustedKey(_))
+            Err(IntegrityFailure::UntrustedKey { .. })
         ));
         // The retired key signs nothing any more: a checkpoint it alone signs is refused.
         let head = ledger.head();

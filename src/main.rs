@@ -805,6 +805,16 @@ fn report_verification(
                     outln!("  extends the previous checkpoint of {previous} entries");
                 }
                 outln!("  checkpoint signed by: {}", report.ledger_keys.join(", "));
+                match report.trusted_key {
+                    custody::trust::KeyStatus::Next { since } => outln!(
+                        "  note: the trusted key is the next key of the rotation begun at entry {since}, not yet finished; until it is, the current key is the stronger anchor"
+                    ),
+                    custody::trust::KeyStatus::Retired { at } => outln!(
+                        "  warning: the trusted key was retired at entry {at}; this ledger's key is now {}. A retired key that leaked could sign a forged history: trust the current key from now on",
+                        report.ledger_keys.first().map(String::as_str).unwrap_or("?")
+                    ),
+                    _ => {}
+                }
                 let kinds: Vec<String> = report
                     .entries_by_kind
                     .iter()

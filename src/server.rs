@@ -5,7 +5,7 @@
 //! | path | what |
 //! | --- | --- |
 //! | `db/` | the sled database |
-//! | `ledger.key` | the ledger's Ed25519 seed, hex (mode 0600); signs the genesis and checkpoints |
+//! | `ledger.key` | the current ledger key's Ed25519 seed, hex (mode 0600); signs checkpoints (the first also signed the genesis) |
 //! | `ledger.pub` | the C2SP verifier key string auditors are given |
 //! | `ledger.next.key` | during a ledger key rotation, the next key's seed (mode 0600) |
 //! | `ledger.next.pub` | during a ledger key rotation, the next key's verifier key string |
@@ -191,8 +191,24 @@ fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> S
     move |source| ServerError::Io { what, path, source }
 }
 
-/// Writes `contents` to a new file readable only by its owner (0600).
+/// Writes `contents` to a new file readable only by its owner (0600), durably and whole or
+/// not at all: into `<path>.tmp` (fsynced), then renamed to `path`, then the directory is
+/// fsynced. Refuses to replace an existing `path`.
 fn write_secret(path: &Path, contents: &str) -> Result<(), ServerError> {
+    if path.exists() {
+        return Err(ServerError::Io {
+            what: "create",
+            path: path.to_owned(),
+            source: std::io::ErrorKind::AlreadyExists.into(),
+        });
+    }
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    // Left by a crash mid-write: never renamed, so never used.
+    if tmp.exists() {
+        std::fs::remove_file(&tmp).map_err(io_error("remove", &tmp))?;
+    }
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
@@ -200,10 +216,11 @@ fn write_secret(path: &Path, contents: &str) -> Result<(), ServerError> {
         use std::os::unix::fs::OpenOptionsExt as _;
         options.mode(0o600);
     }
-    let mut file = options.open(path).map_err(io_error("create", path))?;
+    let mut file = options.open(&tmp).map_err(io_error("create", &tmp))?;
     file.write_all(contents.as_bytes())
-        .map_err(io_error("write", path))?;
-    file.sync_all().map_err(io_error("sync", path))
+        .map_err(io_error("write", &tmp))?;
+    file.sync_all().map_err(io_error("sync", &tmp))?;
+    replace_file(&tmp, path)
 }
 
 fn read_ledger_key(path: &Path) -> Result<SigningKey, ServerError> {
@@ -223,12 +240,17 @@ const NEXT_KEY: &str = "ledger.next.key";
 /// The next ledger key's verifier key string while a rotation is under way.
 const NEXT_PUB: &str = "ledger.next.pub";
 
-/// The private ledger keys in `dir`: `ledger.key`, and `ledger.next.key` if present.
+/// The private ledger keys in `dir`: `ledger.key`, and `ledger.next.key` if present. An
+/// unreadable `ledger.next.key` is left out with a warning: if a rotation needs it, opening
+/// the ledger says so (and `rotate-key cancel` works without it).
 fn keyring(dir: &Path) -> Result<Vec<SigningKey>, ServerError> {
     let mut keys = vec![read_ledger_key(&dir.join(LEDGER_KEY))?];
     let next = dir.join(NEXT_KEY);
     if next.exists() {
-        keys.push(read_ledger_key(&next)?);
+        match read_ledger_key(&next) {
+            Ok(key) => keys.push(key),
+            Err(error) => tracing::warn!(%error, "ignoring ledger.next.key"),
+        }
     }
     Ok(keys)
 }
@@ -319,32 +341,51 @@ pub struct RotationOutcome {
 /// Takes one step of a ledger key rotation on the stopped ledger in `data_dir` (the
 /// database is locked while a server runs):
 ///
-/// - **begin**: uses `ledger.next.key` if it exists, else generates it (mode 0600, synced),
-///   then appends the BEGIN entry signed by the current key. Checkpoints from then on carry
-///   the signatures of both keys; `ledger.next.pub` holds the next key's verifier key.
+/// - **begin**: uses `ledger.next.key` if it exists (it must be accessible to its owner
+///   only), else generates it (mode 0600; written to a temporary file, synced, renamed, the
+///   directory synced), then appends the BEGIN entry signed by the current key. Checkpoints
+///   from then on carry the signatures of both keys; `ledger.next.pub` holds the next key's
+///   verifier key.
 /// - **finish**: appends the FINISH entry signed by the next key, then renames
-///   `ledger.next.key` over `ledger.key`, so the old seed is gone from the directory.
-/// - **cancel**: appends the CANCEL entry signed by the current key, then removes
-///   `ledger.next.key`.
+///   `ledger.next.key` over `ledger.key` (the old seed's file is unlinked; its bytes may
+///   remain on the disk until overwritten).
+/// - **cancel**: appends the CANCEL entry signed by the current key (the next key's
+///   private half is not needed: it may be lost), then removes `ledger.next.key`.
 ///
-/// Each entry is durable before the step returns.
+/// Each entry is durable before its file step; a crash between the two is settled the next
+/// time the ledger is opened.
 pub fn rotate_key(data_dir: &Path, step: RotationStep) -> Result<RotationOutcome, ServerError> {
-    let store = Store::open(&data_dir.join("db")).map_err(LedgerError::from)?;
-    if !store.has_entries().map_err(LedgerError::from)? {
-        return Err(ServerError::Config(format!(
-            "{} holds no ledger",
-            data_dir.display()
-        )));
-    }
-    let mut ledger = open_existing(data_dir, store)?;
+    let open_store = || -> Result<Store, ServerError> {
+        let store = Store::open(&data_dir.join("db")).map_err(LedgerError::from)?;
+        if !store.has_entries().map_err(LedgerError::from)? {
+            return Err(ServerError::Config(format!(
+                "{} holds no ledger",
+                data_dir.display()
+            )));
+        }
+        Ok(store)
+    };
     let next_path = data_dir.join(NEXT_KEY);
     let mut generated = false;
     let receipt = match step {
         RotationStep::Begin => {
+            let mut ledger = open_existing(data_dir, open_store()?)?;
             let next = if next_path.exists() {
+                check_owner_only(&next_path)?;
                 read_ledger_key(&next_path)?
             } else {
-                let key = generate_key();
+                let current = ledger.ledger_keys().current();
+                let key = loop {
+                    let key = generate_key();
+                    // One in 2^32: a key whose note key hash equals the current key's.
+                    let collides = envelope::parse_public_key(current).is_ok_and(|current| {
+                        checkpoint::note_key_id(ledger.origin(), &current)
+                            == checkpoint::note_key_id(ledger.origin(), &key.verifying_key())
+                    });
+                    if !collides {
+                        break key;
+                    }
+                };
                 write_secret(&next_path, &format!("{}\n", hex::encode(key.to_bytes())))?;
                 generated = true;
                 key
@@ -352,22 +393,58 @@ pub fn rotate_key(data_dir: &Path, step: RotationStep) -> Result<RotationOutcome
             ledger.begin_key_rotation(next)?
         }
         RotationStep::Finish => {
+            let mut ledger = open_existing(data_dir, open_store()?)?;
             let receipt = ledger.finish_key_rotation()?;
-            replace_file(&next_path, &data_dir.join(LEDGER_KEY))?;
+            replace_file(&next_path, &data_dir.join(LEDGER_KEY)).map_err(|error| {
+                ServerError::Config(format!(
+                    "the FINISH is recorded (entry {}), but {error}; the next start of the \
+                     ledger completes the file step",
+                    receipt.seq
+                ))
+            })?;
             receipt
         }
         RotationStep::Cancel => {
-            let receipt = ledger.cancel_key_rotation()?;
-            std::fs::remove_file(&next_path).map_err(io_error("remove", &next_path))?;
+            let receipt =
+                Ledger::cancel_key_rotation_without_next_key(open_store()?, &keyring(data_dir)?)?;
+            if let Err(error) = std::fs::remove_file(&next_path) {
+                if error.kind() != std::io::ErrorKind::NotFound {
+                    return Err(io_error("remove", &next_path)(error));
+                }
+            }
             receipt
         }
     };
-    settle_key_files(data_dir, &ledger)?;
+    // Reopened (or still open): settle the files and report the keys that sign now.
+    let ledger = open_existing(data_dir, open_store()?)?;
     Ok(RotationOutcome {
         receipt,
         verifier_keys: ledger.verifier_keys(),
         generated,
     })
+}
+
+/// Refuses a secret key file that others than its owner may read or write.
+fn check_owner_only(path: &Path) -> Result<(), ServerError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(path)
+            .map_err(io_error("inspect", path))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(ServerError::KeyFile {
+                path: path.to_owned(),
+                message: format!(
+                    "mode {:o} lets others read or change it: `chmod 600` it, or remove it to \
+                     have a fresh key generated",
+                    mode & 0o777
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Opens the ledger in `config.data_dir`, creating it (keys, genesis) on first start.

@@ -226,10 +226,10 @@ pub enum IntegrityFailure {
     /// was active at its tree size.
     #[error("previous checkpoint: {0}")]
     PreviousCheckpoint(CheckpointError),
-    /// The trusted key is none of the keys this ledger's entries record as ledger keys that
-    /// sign the checkpoint or handed authority on to them.
-    #[error("the trusted key {0} is not a ledger key of this ledger, nor one its ledger keys descend from")]
-    UntrustedKey(String),
+    /// The trusted key is not a ledger key of this ledger (never one, or a next key whose
+    /// rotation was cancelled), by its entries.
+    #[error("the trusted key {key} is not a ledger key of this ledger: {why}")]
+    UntrustedKey { key: String, why: String },
     /// The ledger is shorter than the previous checkpoint: entries were removed.
     #[error("the ledger has {size} entries, fewer than the previous checkpoint's {previous}")]
     ShorterThanPrevious { size: u64, previous: u64 },
@@ -307,6 +307,10 @@ pub struct LedgerReport {
     /// The verifier keys of the ledger keys that signed the checkpoint: the current ledger
     /// key, then the next key while a rotation is under way.
     pub ledger_keys: Vec<String>,
+    /// What the trusted key is to this ledger: the current key, the next key of a rotation
+    /// under way, or a key a rotation retired (the report is then only as strong as that
+    /// retired key's secrecy: trust the current key from now on).
+    pub trusted_key: trust::KeyStatus,
     /// Entries by kind.
     pub entries_by_kind: std::collections::BTreeMap<String, u64>,
     /// Actions whose verdict is TRACED.
@@ -487,9 +491,11 @@ impl<S: ReplayState> ExportVerifier<S> {
     /// Which ledger keys must have signed a checkpoint depends on the key rotations the
     /// entries record before its tree size, so the signatures are checked as the entries
     /// reach each checkpoint: every ledger key active there must have signed it. `key` must
-    /// be one of the ledger keys that signed the newest checkpoint, or a key they descend
-    /// from through recorded rotations (the genesis key, or a key an earlier rotation
-    /// finished to). A bad signature by `key` fails at once.
+    /// be the current ledger key at the newest checkpoint, the next key of a rotation under
+    /// way there, or a key a finished rotation retired (it signed the step that handed its
+    /// authority on); a withdrawn next key or a key no entry names is refused. The report's
+    /// `trusted_key` says which. A bad signature by `key` fails at once; a missing one only
+    /// after the replay.
     pub fn with_state(
         note: &str,
         key: &LedgerVerifier,
@@ -532,6 +538,7 @@ impl<S: ReplayState> ExportVerifier<S> {
             root: hex::encode(checkpoint.root.0),
             extends_previous: previous.as_ref().map(|p| p.tree_size),
             ledger_keys: Vec::new(),
+            trusted_key: trust::KeyStatus::Unknown,
             entries_by_kind: Default::default(),
             actions_traced: 0,
             actions: 0,
@@ -812,12 +819,23 @@ impl<S: ReplayState> ExportVerifier<S> {
         self.checkpoint
             .verify(&origin, keys)
             .map_err(IntegrityFailure::Checkpoint)?;
-        let trusted = self.trusted.public_key();
-        if !(keys.descends_from(trusted) || keys.active().contains(trusted)) {
-            return Err(IntegrityFailure::UntrustedKey(
-                self.trusted.key_string().to_owned(),
-            ));
+        let status = keys.status(self.trusted.public_key());
+        let why = match status {
+            trust::KeyStatus::Current { .. }
+            | trust::KeyStatus::Next { .. }
+            | trust::KeyStatus::Retired { .. } => None,
+            trust::KeyStatus::Withdrawn { at } => Some(format!(
+                "it was the next key of a rotation cancelled at entry {at}"
+            )),
+            trust::KeyStatus::Unknown => Some("no entry names it".to_owned()),
+        };
+        if let Some(why) = why {
+            return Err(IntegrityFailure::UntrustedKey {
+                key: self.trusted.key_string().to_owned(),
+                why,
+            });
         }
+        self.report.trusted_key = status;
         self.report.ledger_keys = keys
             .active()
             .iter()

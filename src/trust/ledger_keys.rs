@@ -17,6 +17,8 @@
 //!
 //! Pure: no I/O, no async.
 
+use std::collections::HashMap;
+
 use crate::envelope;
 use crate::proto::{event::Body, ledger_key_rotation::Step, Event, Genesis, SignedEvent};
 
@@ -25,15 +27,35 @@ use super::{plain, validate_event, Evaluation, Refusal};
 /// A 32-byte Ed25519 public key.
 pub type PublicKey = [u8; 32];
 
+/// What a key is to a ledger, by its entries so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "status")]
+pub enum KeyStatus {
+    /// The ledger key, current since entry `since` (0: the genesis key).
+    Current { since: u64 },
+    /// The next key of the rotation begun at entry `since`, still under way.
+    Next { since: u64 },
+    /// A former ledger key, retired by the FINISH at entry `at`.
+    Retired { at: u64 },
+    /// A next key withdrawn by the CANCEL at entry `at`.
+    Withdrawn { at: u64 },
+    /// Never one of this ledger's keys.
+    Unknown,
+}
+
 /// The ledger keys as the entries so far record them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerKeys {
     current: PublicKey,
-    next: Option<PublicKey>,
-    /// Keys that were current before `current`, oldest first.
-    former: Vec<PublicKey>,
-    /// Next keys whose rotation was cancelled.
-    withdrawn: Vec<PublicKey>,
+    /// The entry that made `current` the ledger key (0: the genesis).
+    current_since: u64,
+    /// The next key and the entry of its BEGIN.
+    next: Option<(PublicKey, u64)>,
+    /// Keys that were current before `current`, each with the entry of the FINISH that
+    /// retired it.
+    former: HashMap<PublicKey, u64>,
+    /// Next keys whose rotation was cancelled, each with the entry of the CANCEL.
+    withdrawn: HashMap<PublicKey, u64>,
 }
 
 impl LedgerKeys {
@@ -42,9 +64,10 @@ impl LedgerKeys {
     pub fn from_genesis(genesis: &Genesis) -> Result<Self, Refusal> {
         Ok(Self {
             current: public_key("ledger_public_key", &genesis.ledger_public_key)?,
+            current_since: 0,
             next: None,
-            former: Vec::new(),
-            withdrawn: Vec::new(),
+            former: HashMap::new(),
+            withdrawn: HashMap::new(),
         })
     }
 
@@ -55,38 +78,51 @@ impl LedgerKeys {
 
     /// The key a rotation under way moves to.
     pub fn next(&self) -> Option<&PublicKey> {
-        self.next.as_ref()
+        self.next.as_ref().map(|(key, _)| key)
     }
 
     /// The keys every checkpoint must be signed by now: the current key, then the next key
     /// while a rotation is under way.
     pub fn active(&self) -> Vec<PublicKey> {
-        std::iter::once(self.current).chain(self.next).collect()
+        std::iter::once(self.current)
+            .chain(self.next.map(|(key, _)| key))
+            .collect()
     }
 
-    /// Whether `key` is the current ledger key or was one earlier: the keys from which a
-    /// verifier may follow the rotations to the active keys.
-    pub fn descends_from(&self, key: &PublicKey) -> bool {
-        self.current == *key || self.former.contains(key)
+    /// What `key` is to this ledger.
+    pub fn status(&self, key: &PublicKey) -> KeyStatus {
+        if *key == self.current {
+            KeyStatus::Current {
+                since: self.current_since,
+            }
+        } else if let Some((_, since)) = self.next.filter(|(next, _)| next == key) {
+            KeyStatus::Next { since }
+        } else if let Some(&at) = self.former.get(key) {
+            KeyStatus::Retired { at }
+        } else if let Some(&at) = self.withdrawn.get(key) {
+            KeyStatus::Withdrawn { at }
+        } else {
+            KeyStatus::Unknown
+        }
     }
 
-    /// Whether `key` has had any part in this ledger's keys: current, next, former or
+    /// Whether `key` has had any part in this ledger's keys: current, next, retired or
     /// withdrawn (a rotation moves only to a key that has not).
     pub fn ever_used(&self, key: &PublicKey) -> bool {
-        self.current == *key
-            || self.next.as_ref() == Some(key)
-            || self.former.contains(key)
-            || self.withdrawn.contains(key)
+        self.status(key) != KeyStatus::Unknown
     }
 
-    /// Judges a `LedgerKeyRotation` event against the keys before it: its shape, the step
-    /// (see the module docs) and its signature. Returns the evaluation (NOT_APPLICABLE; the
-    /// step changes nothing in the trust state) and the keys after it.
+    /// Judges a `LedgerKeyRotation` event at entry `seq` against the keys before it: its
+    /// shape, the step (see the module docs) and its signature. If it holds, takes the step
+    /// (changes `self`) and returns the evaluation (NOT_APPLICABLE; the step changes nothing
+    /// in the trust state); if not, leaves `self` as it was. Constant time in the number of
+    /// earlier steps.
     pub fn judge(
-        &self,
+        &mut self,
         signed: &SignedEvent,
         event: &Event,
-    ) -> Result<(Evaluation, LedgerKeys), Refusal> {
+        seq: u64,
+    ) -> Result<Evaluation, Refusal> {
         validate_event(event, signed.payload.len())?;
         let Some(Body::LedgerKeyRotation(rotation)) = &event.body else {
             return Err(Refusal::Malformed("not a ledger key rotation".into()));
@@ -102,20 +138,20 @@ impl LedgerKeys {
         }
         let step = Step::try_from(rotation.step)
             .map_err(|_| Refusal::Malformed(format!("unknown rotation step {}", rotation.step)))?;
-        let under_way = || match self.next {
-            Some(next) if next == named_next => Ok(()),
+        let under_way = || match self.next() {
+            Some(next) if *next == named_next => Ok(()),
             Some(next) => Err(Refusal::Conflict(format!(
                 "the rotation under way moves to key {}, not {}",
-                envelope::key_id(&next),
+                envelope::key_id(next),
                 envelope::key_id(&named_next)
             ))),
             None => Err(Refusal::Conflict(
                 "no ledger key rotation is under way".into(),
             )),
         };
-        let (signer, after) = match step {
+        let signer = match step {
             Step::Begin => {
-                if let Some(next) = &self.next {
+                if let Some(next) = self.next() {
                     return Err(Refusal::Conflict(format!(
                         "a rotation to key {} is already under way",
                         envelope::key_id(next)
@@ -127,24 +163,15 @@ impl LedgerKeys {
                         envelope::key_id(&named_next)
                     )));
                 }
-                let mut after = self.clone();
-                after.next = Some(named_next);
-                (self.current, after)
+                self.current
             }
             Step::Finish => {
                 under_way()?;
-                let mut after = self.clone();
-                after.former.push(self.current);
-                after.current = named_next;
-                after.next = None;
-                (named_next, after)
+                named_next
             }
             Step::Cancel => {
                 under_way()?;
-                let mut after = self.clone();
-                after.withdrawn.push(named_next);
-                after.next = None;
-                (self.current, after)
+                self.current
             }
             Step::Unspecified => {
                 return Err(Refusal::Malformed(
@@ -158,7 +185,22 @@ impl LedgerKeys {
             event.occurred_at_ms,
             "a BEGIN or CANCEL is signed by the current ledger key, a FINISH by the next key",
         )?;
-        Ok((plain(Vec::new(), Vec::new()), after))
+        // Every check passed: take the step.
+        match step {
+            Step::Begin => self.next = Some((named_next, seq)),
+            Step::Finish => {
+                self.former.insert(self.current, seq);
+                self.current = named_next;
+                self.current_since = seq;
+                self.next = None;
+            }
+            Step::Cancel => {
+                self.withdrawn.insert(named_next, seq);
+                self.next = None;
+            }
+            Step::Unspecified => {}
+        }
+        Ok(plain(Vec::new(), Vec::new()))
     }
 }
 
@@ -226,30 +268,46 @@ mod tests {
         (envelope::sign_event(&key(signer), &event), event)
     }
 
-    fn judge(
+    /// Judges `step` at entry `seq` on a copy of `keys`; a refused step must leave the copy
+    /// as it was.
+    fn judge_at(
         keys: &LedgerKeys,
         (signed, event): (SignedEvent, Event),
+        seq: u64,
     ) -> Result<LedgerKeys, Refusal> {
-        keys.judge(&signed, &event).map(|(evaluation, after)| {
-            assert_eq!(evaluation.verdict, super::super::not_applicable());
-            assert!(evaluation.delta.is_empty() && evaluation.index.is_empty());
-            after
-        })
+        let mut after = keys.clone();
+        match after.judge(&signed, &event, seq) {
+            Ok(evaluation) => {
+                assert_eq!(evaluation.verdict, super::super::not_applicable());
+                assert!(evaluation.delta.is_empty() && evaluation.index.is_empty());
+                Ok(after)
+            }
+            Err(refusal) => {
+                assert_eq!(&after, keys, "a refused step changed the keys");
+                Err(refusal)
+            }
+        }
+    }
+
+    fn judge(keys: &LedgerKeys, step: (SignedEvent, Event)) -> Result<LedgerKeys, Refusal> {
+        judge_at(keys, step, 10)
     }
 
     #[test]
     fn begin_then_finish_hands_the_ledger_to_the_next_key() {
         let start = genesis_keys();
         assert_eq!(start.active(), vec![public(1)]);
-        let begun = judge(&start, step(Step::Begin, 1, 2, 1)).unwrap();
+        assert_eq!(start.status(&public(1)), KeyStatus::Current { since: 0 });
+        assert_eq!(start.status(&public(2)), KeyStatus::Unknown);
+        let begun = judge_at(&start, step(Step::Begin, 1, 2, 1), 5).unwrap();
         assert_eq!(begun.active(), vec![public(1), public(2)]);
         assert_eq!(begun.next(), Some(&public(2)));
-        // The next key is active but hands nothing on until it is current.
-        assert!(begun.descends_from(&public(1)) && !begun.descends_from(&public(2)));
-        let finished = judge(&begun, step(Step::Finish, 1, 2, 2)).unwrap();
+        assert_eq!(begun.status(&public(2)), KeyStatus::Next { since: 5 });
+        let finished = judge_at(&begun, step(Step::Finish, 1, 2, 2), 9).unwrap();
         assert_eq!(finished.active(), vec![public(2)]);
         assert_eq!(finished.current(), &public(2));
-        assert!(finished.descends_from(&public(1)) && finished.descends_from(&public(2)));
+        assert_eq!(finished.status(&public(1)), KeyStatus::Retired { at: 9 });
+        assert_eq!(finished.status(&public(2)), KeyStatus::Current { since: 9 });
         // A second rotation goes on from the new key.
         let again = judge(&finished, step(Step::Begin, 2, 3, 2)).unwrap();
         assert_eq!(again.active(), vec![public(2), public(3)]);
@@ -258,9 +316,12 @@ mod tests {
     #[test]
     fn cancel_withdraws_the_next_key_for_good() {
         let begun = judge(&genesis_keys(), step(Step::Begin, 1, 2, 1)).unwrap();
-        let cancelled = judge(&begun, step(Step::Cancel, 1, 2, 1)).unwrap();
+        let cancelled = judge_at(&begun, step(Step::Cancel, 1, 2, 1), 12).unwrap();
         assert_eq!(cancelled.active(), vec![public(1)]);
-        assert!(!cancelled.descends_from(&public(2)));
+        assert_eq!(
+            cancelled.status(&public(2)),
+            KeyStatus::Withdrawn { at: 12 }
+        );
         // The withdrawn key may not come back, nor may a former one.
         assert!(matches!(
             judge(&cancelled, step(Step::Begin, 1, 2, 1)),
@@ -304,14 +365,14 @@ mod tests {
         let (mut signed, event) = step(Step::Begin, 1, 2, 1);
         signed.signature = step(Step::Begin, 1, 2, 2).0.signature;
         assert!(matches!(
-            start.judge(&signed, &event),
+            judge(&start, (signed, event)),
             Err(Refusal::BadSignature(_))
         ));
         // Not a rotation at all, or an unspecified step.
         let (signed, mut event) = step(Step::Begin, 1, 2, 1);
         event.body = None;
         assert!(matches!(
-            start.judge(&signed, &event),
+            judge(&start, (signed, event)),
             Err(Refusal::Malformed(_))
         ));
         assert!(matches!(

@@ -26,7 +26,7 @@ mod records;
 pub mod scopes;
 
 pub use keys::{authorize, key_valid_at, KeyRecord, GENESIS_ADMIN_PRINCIPAL};
-pub use ledger_keys::LedgerKeys;
+pub use ledger_keys::{KeyStatus, LedgerKeys};
 pub use limits::{
     validate_event, MAX_DELEGATION_DEPTH, MAX_EVENT_ID_LEN, MAX_ID_LEN, MAX_PAYLOAD_LEN,
     MAX_REPEATED, MAX_TEXT_LEN, MAX_TIME_MS,
@@ -331,15 +331,12 @@ pub fn rejudge_stored(
         }));
     }
     if let Some(Body::LedgerKeyRotation(_)) = &event.body {
-        let Some(keys) = ledger_keys.as_ref() else {
+        let Some(keys) = ledger_keys.as_mut() else {
             return Ok(Err(Refusal::Malformed(
                 "a ledger key rotation without the genesis before it".into(),
             )));
         };
-        return Ok(keys.judge(signed, event).map(|(evaluation, after)| {
-            *ledger_keys = Some(after);
-            evaluation
-        }));
+        return Ok(keys.judge(signed, event, seq));
     }
     rejudge(signed, event, seq, view, preverified)
 }

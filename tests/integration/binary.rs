@@ -739,6 +739,9 @@ async fn the_ledger_key_rotates_in_steps_taken_while_the_server_is_stopped() {
         let stdout = verify(key, Some(&before));
         assert!(stdout.contains(&format!("checkpoint signed by: {next_pub}\n")));
         assert!(stdout.contains("ledger_key_rotation 2"), "{stdout}");
+        // The old key still verifies, with a warning to move on.
+        let warned = stdout.contains("warning: the trusted key was retired");
+        assert_eq!(warned, key == &old_pub, "{stdout}");
     }
     // A key that never was this ledger's is refused.
     let stranger = custody::checkpoint::CheckpointSigner::new(

@@ -260,6 +260,12 @@ fn a_rotation_step_interrupted_before_its_file_step_is_settled_on_the_next_open(
     // use, and the next begin takes it.
     let spare = server::generate_key();
     std::fs::write(data.join("ledger.next.key"), hex::encode(spare.to_bytes())).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let owner_only = std::fs::Permissions::from_mode(0o600);
+        std::fs::set_permissions(data.join("ledger.next.key"), owner_only).unwrap();
+    }
     drop(server::open_ledger(&config).unwrap());
     assert!(data.join("ledger.next.key").exists());
     let begun = server::rotate_key(data, server::RotationStep::Begin).unwrap();
@@ -270,4 +276,47 @@ fn a_rotation_step_interrupted_before_its_file_step_is_settled_on_the_next_open(
         encoded.extend_from_slice(spare.verifying_key().as_bytes());
         base64::engine::general_purpose::STANDARD.encode(encoded)
     }));
+}
+
+/// A next key lost (or garbled) mid-rotation: the ledger refuses to serve, saying how to get
+/// out, and `rotate-key cancel` withdraws the rotation with the current key alone.
+#[test]
+fn a_lost_next_key_blocks_serving_until_the_rotation_is_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let config = Config::new(data);
+    drop(server::open_ledger(&config).unwrap());
+    server::rotate_key(data, server::RotationStep::Begin).unwrap();
+    let next = data.join("ledger.next.key");
+    for damage in [Some("not a key\n"), None] {
+        match damage {
+            Some(garbage) => std::fs::write(&next, garbage).unwrap(),
+            None => std::fs::remove_file(&next).unwrap(),
+        }
+        let error = server::open_ledger(&config)
+            .err()
+            .expect("opened without the next key");
+        assert!(error.to_string().contains("rotate-key cancel"), "{error}");
+    }
+    // Finishing needs the next key; cancelling does not.
+    assert!(server::rotate_key(data, server::RotationStep::Finish).is_err());
+    let cancelled = server::rotate_key(data, server::RotationStep::Cancel).unwrap();
+    assert_eq!(cancelled.verifier_keys.len(), 1);
+    let (ledger, _) = server::open_ledger(&config).unwrap();
+    assert_eq!(ledger.verifier_keys(), cancelled.verifier_keys);
+    drop(ledger);
+
+    // A next key file that others may read is not taken up.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let spare = server::generate_key();
+        std::fs::write(&next, hex::encode(spare.to_bytes())).unwrap();
+        std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let error = server::rotate_key(data, server::RotationStep::Begin).unwrap_err();
+        assert!(error.to_string().contains("chmod 600"), "{error}");
+        std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let begun = server::rotate_key(data, server::RotationStep::Begin).unwrap();
+        assert!(!begun.generated);
+    }
 }
