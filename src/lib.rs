@@ -31,6 +31,7 @@
 
 pub mod access;
 pub mod checkpoint;
+pub mod client;
 pub mod envelope;
 pub mod export;
 pub mod inspect;

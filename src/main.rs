@@ -50,24 +50,30 @@ enum Command {
     Reasons,
     /// Prints the ledger's newest signed checkpoint note.
     Checkpoint {
-        /// The ledger's gRPC address.
+        /// The ledger's gRPC address (https://… for TLS).
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         server: String,
+        #[command(flatten)]
+        tls: ClientTls,
     },
     /// Prints the entries matching all given filters as JSON lines (newest first).
     Query {
-        /// The ledger's gRPC address.
+        /// The ledger's gRPC address (https://… for TLS).
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         server: String,
+        #[command(flatten)]
+        tls: ClientTls,
         #[command(flatten)]
         filters: QueryFilters,
     },
     /// Fetches the trace bundle of an action, denial, validation or issuance entry: prints it
     /// as JSON, or saves it (protobuf `TraceBundle`) with --out for offline verification.
     Trace {
-        /// The ledger's gRPC address.
+        /// The ledger's gRPC address (https://… for TLS).
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         server: String,
+        #[command(flatten)]
+        tls: ClientTls,
         /// The entry to trace.
         seq: u64,
         /// Save the bundle to this file instead of printing it.
@@ -77,13 +83,15 @@ enum Command {
     /// Writes the ledger (newest checkpoint and every entry) to an export file, from a running
     /// ledger (--server) or a stopped ledger's directory (--data-dir). Format: docs/EXPORT.md.
     Export {
-        /// The running ledger's gRPC address.
+        /// The running ledger's gRPC address (https://… for TLS).
         #[arg(
             long,
             conflicts_with = "data_dir",
             required_unless_present = "data_dir"
         )]
         server: Option<String>,
+        #[command(flatten)]
+        tls: ClientTls,
         /// A stopped ledger's data directory.
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -149,9 +157,11 @@ enum Command {
     },
     /// Registers a key: sends an admin-signed KeyGrant and prints the receipt as JSON.
     GrantKey {
-        /// The ledger's gRPC address.
+        /// The ledger's gRPC address (https://… for TLS).
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         server: String,
+        #[command(flatten)]
+        tls: ClientTls,
         /// JSON key file of an ADMIN key (as written by `custody keygen` or admin.key).
         #[arg(long)]
         admin_key: PathBuf,
@@ -224,6 +234,39 @@ fn parse_time(text: &str) -> Result<i64, String> {
         .map_err(|_| "before 1970".to_string())?
         .as_millis();
     i64::try_from(ms).map_err(|_| "too far in the future".to_string())
+}
+
+/// How a client command reaches a ledger that serves TLS or checks readers.
+#[derive(clap::Args, Clone, Default)]
+struct ClientTls {
+    /// CA certificate(s), PEM, to verify an https:// server's certificate with.
+    #[arg(long, value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+    /// The name the server's certificate carries, if not the address's host (e.g. when
+    /// connecting to an IP address).
+    #[arg(long, value_name = "NAME")]
+    tls_domain: Option<String>,
+    /// A client certificate chain, PEM, to present (with --tls-key).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The client certificate's private key, PEM.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// A file holding a reader's bearer token, sent as `authorization: Bearer` (only over
+    /// TLS or to a loopback address).
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
+}
+
+impl ClientTls {
+    fn security(&self) -> custody::client::ClientSecurity {
+        custody::client::ClientSecurity {
+            ca: self.tls_ca.clone(),
+            domain: self.tls_domain.clone(),
+            identity: self.tls_cert.clone().zip(self.tls_key.clone()),
+            token_file: self.token_file.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -411,18 +454,19 @@ async fn run(cli: Cli) -> anyhow::Result<Result<(), Failure>> {
             println!("{}", serde_json::to_string_pretty(&pair)?);
         }
         Command::Reasons => print!("{}", custody::trust::reasons::markdown_table()),
-        Command::Checkpoint { server } => {
-            let mut client = AuditClient::connect(server.clone())
-                .await
-                .with_context(|| format!("couldn't connect to {server}"))?;
-            let checkpoint = client
-                .get_checkpoint(GetCheckpointRequest {})
-                .await?
-                .into_inner();
-            print!("{}", checkpoint.note);
+        Command::Checkpoint { server, tls } => {
+            let mut client = connect_audit(&server, &tls).await?;
+            match client.get_checkpoint(GetCheckpointRequest {}).await {
+                Ok(checkpoint) => print!("{}", checkpoint.into_inner().note),
+                Err(status) => return Ok(Err(refused(&status))),
+            }
         }
-        Command::Query { server, filters } => {
-            let mut client = connect_audit(&server).await?;
+        Command::Query {
+            server,
+            tls,
+            filters,
+        } => {
+            let mut client = connect_audit(&server, &tls).await?;
             let mut stream = match client.query(filters.request()).await {
                 Ok(response) => response.into_inner(),
                 Err(status) => return Ok(Err(refused(&status))),
@@ -441,8 +485,13 @@ async fn run(cli: Cli) -> anyhow::Result<Result<(), Failure>> {
                 }
             }
         }
-        Command::Trace { server, seq, out } => {
-            let mut client = connect_audit(&server).await?;
+        Command::Trace {
+            server,
+            tls,
+            seq,
+            out,
+        } => {
+            let mut client = connect_audit(&server, &tls).await?;
             let bundle = match client.trace(TraceRequest { seq }).await {
                 Ok(response) => response.into_inner(),
                 Err(status) => return Ok(Err(refused(&status))),
@@ -462,10 +511,11 @@ async fn run(cli: Cli) -> anyhow::Result<Result<(), Failure>> {
         }
         Command::Export {
             server,
+            tls,
             data_dir,
             out,
         } => {
-            return export(server, data_dir, out).await;
+            return export(server, &tls, data_dir, out).await;
         }
         Command::Verify {
             file,
@@ -528,6 +578,7 @@ async fn run(cli: Cli) -> anyhow::Result<Result<(), Failure>> {
         }
         Command::GrantKey {
             server,
+            tls,
             admin_key,
             public_key,
             role,
@@ -555,10 +606,8 @@ async fn run(cli: Cli) -> anyhow::Result<Result<(), Failure>> {
                 })),
             };
             let signed = envelope::sign_event(&signing_key, &event);
-            let mut client = LedgerClient::connect(server.clone())
-                .await
-                .with_context(|| format!("couldn't connect to {server}"))?;
-            match client.append(signed).await {
+            let channel = custody::client::connect(&server, &tls.security()).await?;
+            match LedgerClient::new(channel).append(signed).await {
                 Ok(receipt) => println!("{}", receipt_json(&receipt.into_inner())),
                 Err(status) => return Ok(Err(refused(&status))),
             }
@@ -644,6 +693,7 @@ fn directory_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
 
 async fn export(
     server: Option<String>,
+    tls: &ClientTls,
     data_dir: Option<PathBuf>,
     out: PathBuf,
 ) -> anyhow::Result<Result<(), Failure>> {
@@ -654,7 +704,7 @@ async fn export(
     let mut writer = std::io::BufWriter::new(file);
     let count = match (server, data_dir) {
         (Some(server), _) => {
-            let mut client = connect_audit(&server).await?;
+            let mut client = connect_audit(&server, tls).await?;
             let checkpoint = client
                 .get_checkpoint(GetCheckpointRequest {})
                 .await?
@@ -892,10 +942,13 @@ fn refused(status: &tonic::Status) -> Failure {
     Failure::Refused(format!("{:?}: {}", status.code(), status.message()))
 }
 
-async fn connect_audit(server: &str) -> anyhow::Result<AuditClient<tonic::transport::Channel>> {
-    AuditClient::connect(server.to_owned())
-        .await
-        .with_context(|| format!("couldn't connect to {server}"))
+async fn connect_audit(
+    server: &str,
+    tls: &ClientTls,
+) -> anyhow::Result<AuditClient<custody::client::ClientChannel>> {
+    Ok(AuditClient::new(
+        custody::client::connect(server, &tls.security()).await?,
+    ))
 }
 
 fn bundle_json(bundle: &TraceBundle) -> serde_json::Value {

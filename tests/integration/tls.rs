@@ -524,6 +524,80 @@ async fn binary_serves_tls_with_reader_and_writer_rules() {
     let auditor = pki.connect(addr, Some("auditor")).await.unwrap();
     assert!(read(auditor.clone(), None).await.is_ok());
     assert_eq!(write(auditor, "grant-auditor", 2).await.unwrap().seq, 1);
+
+    // The CLI's client commands over the same TLS, with a certificate or a token.
+    let https = format!("https://127.0.0.1:{port}");
+    let cli = |command: &str, credentials: &[&str], extra: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_custody"))
+            .args([command, "--server", &https, "--tls-ca", &path("ca.pem")])
+            .args(credentials)
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let auditor_cert = [
+        "--tls-cert",
+        &path("auditor.pem"),
+        "--tls-key",
+        &path("auditor.key"),
+    ];
+    let token_file = dir.path().join("reader.token");
+    std::fs::write(&token_file, format!("{READER_TOKEN}\n")).unwrap();
+    let token = ["--token-file", token_file.to_str().unwrap()];
+    let (code, stdout, stderr) = cli("checkpoint", &auditor_cert, &["--tls-domain", "localhost"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.starts_with("localhost/custody\n2\n"), "{stdout}");
+    let (code, stdout, stderr) = cli("query", &token, &["--kind", "key-grant"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    // Without a credential the ledger refuses (exit 1); without the CA the client does.
+    let (code, _, stderr) = cli("checkpoint", &[], &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    let output = Command::new(env!("CARGO_BIN_EXE_custody"))
+        .args(["checkpoint", "--server", &https])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--tls-ca"));
+    // A write with the writer's certificate, then an export over TLS that verifies.
+    let admin = dir.path().join("admin.json");
+    let pair = custody::server::KeyPairJson::from_signing_key(&key(1));
+    std::fs::write(&admin, serde_json::to_string(&pair).unwrap()).unwrap();
+    let writer_cert = [
+        "--tls-cert",
+        &path("writer.pem"),
+        "--tls-key",
+        &path("writer.key"),
+    ];
+    let issuer_hex = hex::encode(key(3).verifying_key().to_bytes());
+    let grant = [
+        "--admin-key",
+        admin.to_str().unwrap(),
+        "--public-key",
+        &issuer_hex,
+        "--role",
+        "issuer",
+        "--principal",
+        "auth.example",
+    ];
+    let (code, stdout, stderr) = cli("grant-key", &writer_cert, &grant);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("\"seq\":2"), "{stdout}");
+    let export = dir.path().join("ledger.export");
+    let (code, _, stderr) = cli("export", &token, &["--out", export.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let ledger_pub = std::fs::read_to_string(dir.path().join("data/ledger.pub")).unwrap();
+    let key = custody::checkpoint::LedgerVerifier::parse(&ledger_pub).unwrap();
+    let file = std::io::BufReader::new(std::fs::File::open(&export).unwrap());
+    let report = custody::verify::verify_export(file, &key, None, |_, _| ())
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.tree_size, 3);
     let _ = child.kill();
     let _ = child.wait();
 }
