@@ -10,19 +10,27 @@
 //!
 //! - [`envelope`]: DSSE pre-authentication encoding, Ed25519 signing and verification, key ids.
 //! - [`merkle`]: RFC 9162 hashing, roots, inclusion and consistency proofs over stored hashes.
-//! - [`checkpoint`]: C2SP signed-note checkpoints: format, sign, open.
-//! - [`trust`]: field limits, key registry rules, who may sign what, verdicts.
+//! - [`checkpoint`]: C2SP signed-note checkpoints: format, sign (with one key, or two during
+//!   a ledger key rotation), open.
+//! - [`trust`]: field limits, key registry rules, who may sign what, verdicts, and the
+//!   ledger's own keys and their rotations ([`trust::LedgerKeys`]).
+//!
+//! The offline verifier builds on it: [`verify`] (trace bundles and whole ledgers, fed bytes;
+//! follows ledger key rotations), [`export`] (the export file format), [`scratch`] (the
+//! replay state kept in a temporary file) and [`inspect`] (entries as JSON).
 //!
 //! Edges:
 //!
 //! - [`store`]: sled key layout, atomic durable group commits, tail check on open.
 //! - [`ledger`]: the append pipeline (prepare: decode and batch-verify; judge: evaluate,
 //!   sequence and sign the checkpoint; apply: one atomic write; finish: flush, publish,
-//!   receipts) and the ledger's keys and genesis.
+//!   receipts), the genesis and the ledger key's rotation steps.
 //! - [`service`]: the tonic services `Ledger` and `Audit`; errors to gRPC codes in one place.
 //! - [`metrics`]: Prometheus counters, histograms and gauges, and their HTTP endpoint.
 //! - [`settings`]: `custody serve`'s settings from flags, environment and a TOML file.
-//! - [`server`]: configuration, data directory, listener, health, reflection, shutdown.
+//! - [`server`]: configuration, data directory and key files, listener, health, reflection,
+//!   shutdown, key rotation on a stopped ledger.
+//! - [`client`]: how the CLI's client commands connect (TLS, client certificates, tokens).
 //! - [`tls`]: TLS on the listener, client certificates, the plaintext-on-loopback rule.
 //! - [`access`]: who may read (`Audit`) and write (`Ledger`): client certificate subjects,
 //!   bearer token digests.
