@@ -58,7 +58,7 @@ pub struct ServeSettings {
     #[arg(long, env = "CUSTODY_ORIGIN")]
     pub origin: Option<String>,
     /// Hex Ed25519 public key of the first admin (new ledger). Generated into
-    /// <data-dir>/admin.key when absent.
+    /// DATA_DIR/admin.key when absent.
     #[arg(long, env = "CUSTODY_ADMIN_PUBLIC_KEY", value_name = "HEX")]
     pub admin_public_key: Option<String>,
     /// How far an event's occurred_at_ms may stray from the ledger clock (new ledger)
