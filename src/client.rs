@@ -31,13 +31,13 @@ pub enum ClientError {
     #[error("{0}")]
     Settings(String),
     /// A certificate, key or token file could not be read.
-    #[error("couldn't read {path}: {source}")]
+    #[error("couldn't read {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
     /// The connection failed.
-    #[error("couldn't connect to {server}: {source}")]
+    #[error("couldn't connect to {server}")]
     Connect {
         server: String,
         source: tonic::transport::Error,
@@ -72,10 +72,10 @@ fn read(path: &Path) -> Result<Vec<u8>, ClientError> {
     })
 }
 
-/// Whether `server`'s host is a loopback address (or `localhost`).
+/// Whether `server`'s host is a loopback IP address. A name (even `localhost`) is not taken
+/// on trust: the resolver decides where it leads.
 fn is_loopback(uri: &tonic::codegen::http::Uri) -> bool {
     match uri.host() {
-        Some("localhost") => true,
         Some(host) => host
             .trim_start_matches('[')
             .trim_end_matches(']')
@@ -130,13 +130,15 @@ pub async fn connect(
             let text = String::from_utf8(read(path)?).map_err(|_| {
                 ClientError::Settings(format!("{} does not hold a text token", path.display()))
             })?;
-            let value =
+            let mut value =
                 MetadataValue::try_from(format!("Bearer {}", text.trim())).map_err(|_| {
                     ClientError::Settings(format!(
                         "the token in {} is not a valid header value",
                         path.display()
                     ))
                 })?;
+            // Kept out of HTTP/2 header compression tables and debug output.
+            value.set_sensitive(true);
             Some(value)
         }
         None => None,
@@ -184,10 +186,19 @@ mod tests {
             connect("not a url", &ClientSecurity::default()).await,
             Err(ClientError::Settings(_))
         ));
-        // Loopback hosts, by name, IPv4 and IPv6.
-        for host in ["http://localhost:1", "http://127.0.0.1:1", "http://[::1]:1"] {
+        // Loopback IP addresses only; names are not trusted.
+        for host in ["http://127.0.0.1:1", "http://127.5.0.1:1", "http://[::1]:1"] {
             assert!(is_loopback(&host.parse().unwrap()), "{host}");
         }
-        assert!(!is_loopback(&"http://10.0.0.1:1".parse().unwrap()));
+        for host in [
+            "http://10.0.0.1:1",
+            "http://localhost:1",
+            "http://localhost.example.com:1",
+            "http://127.0.0.1.example.com:1",
+            "http://127.0.0.1@example.com:1",
+            "http://0.0.0.0:1",
+        ] {
+            assert!(!is_loopback(&host.parse().unwrap()), "{host}");
+        }
     }
 }

@@ -213,8 +213,11 @@ fn zip215_batch_holds(items: &[BatchItem<'_>]) -> bool {
     batch.verify(rand::thread_rng()).is_ok()
 }
 
-/// [`verify_batch`]'s batch equation as ed25519-dalek computes it, without coalescing the
-/// terms of signatures by the same key: the reference the load generator also reports.
+/// ed25519-dalek's batch verification of `items` (the PAE of each payload): the rate the load
+/// generator and the benchmarks report next to [`verify_batch`]'s. Its equation is
+/// cofactorless and does not coalesce the terms of signatures by one key, so it is no
+/// substitute for the fast path (a batch holding a signature with a small-order component in
+/// `R`, valid by the rule, may fail it).
 pub fn dalek_batch_holds(items: &[BatchItem<'_>]) -> bool {
     let mut messages = Vec::with_capacity(items.len());
     let mut signatures = Vec::with_capacity(items.len());
@@ -345,8 +348,10 @@ mod tests {
             verify_payload(&key, b"odd one", &tampered),
             Err(SignatureError::BadSignature)
         );
-        // Whether a batch's random coefficients cancel the torsion or not, the answer is the
-        // rule's: every composition gives every item the same result.
+        // The fast path's batch equation is cofactored, as the rule: it accepts every batch
+        // holding the torsion signature. ed25519-dalek's cofactorless batch equation accepts
+        // such a batch only when the random coefficient happens to cancel the torsion, so it
+        // could not be the fast path. Either way every item gets the rule's answer.
         let others: Vec<(SigningKey, Vec<u8>)> = (0..16u8)
             .map(|i| (SigningKey::from_bytes(&[20 + i; 32]), vec![i; 30]))
             .collect();
@@ -380,9 +385,23 @@ mod tests {
             if ed25519_dalek::verify_batch(&message_refs, &signatures, &keys).is_ok() {
                 batch_passed += 1;
             }
+            assert!(zip215_batch_holds(&items), "round {round}");
             assert!(verify_batch(&items).iter().all(|&ok| ok), "round {round}");
+            // With one bad signature too, the fallback singles out exactly that one.
+            let bad = {
+                let mut bad = good[0];
+                bad[3] ^= 1;
+                bad
+            };
+            items[0].signature = &bad;
+            assert!(!zip215_batch_holds(&items));
+            let results = verify_batch(&items);
+            assert!(
+                !results[0] && results[1..].iter().all(|&ok| ok),
+                "round {round}"
+            );
         }
-        // Both paths were taken: some batches cancelled the torsion, some did not.
+        // dalek's equation refused some of these batches and passed others.
         assert!(
             batch_passed > 0 && batch_passed < 24,
             "{batch_passed} of 24 passed"

@@ -187,8 +187,9 @@ impl Ledger {
     }
 
     /// Withdraws the rotation under way on a stopped ledger whose next private key is lost:
-    /// opens it with the current key alone (checking the newest checkpoint against the
-    /// public keys its entries record) and appends the CANCEL, signed by the current key.
+    /// opens it with the current key alone (checking the newest checkpoint's signature by
+    /// the current key; rebuilding the derived data first if it is missing, with checkpoints
+    /// the current key alone signs) and appends the CANCEL, signed by the current key.
     /// Returns the entry's receipt once it is durable. Nothing else can be done with a
     /// ledger opened without its next key, so none is returned.
     pub fn cancel_key_rotation_without_next_key(
@@ -209,7 +210,7 @@ impl Ledger {
         if store.head()?.is_none() || store.rebuild_pending()? {
             // Find the keys first (the kind index is gone): the rebuild signs checkpoints.
             let (current_key, next_key) =
-                private_keys(&scanned_ledger_keys(&store)?, keyring, true)?;
+                private_keys(&scanned_ledger_keys(&store)?, keyring, need_next)?;
             let signer = checkpoint_signer(&genesis.origin, &current_key, next_key.as_ref())?;
             // A rebuild interrupted by a crash starts over: the marker is removed only with
             // the last chunk.
@@ -222,8 +223,14 @@ impl Ledger {
         let ledger_keys = indexed_ledger_keys(&store, head.tree_size)?;
         let (current_key, next_key) = private_keys(&ledger_keys, keyring, need_next)?;
         let signer = checkpoint_signer(&genesis.origin, &current_key, next_key.as_ref())?;
-        let verifiers = ledger_keys
-            .active()
+        // Without the next key (only to cancel its rotation), the head is checked against the
+        // current key alone: a rebuild just now could sign it with no other.
+        let required = if need_next {
+            ledger_keys.active()
+        } else {
+            vec![*ledger_keys.current()]
+        };
+        let verifiers = required
             .iter()
             .map(|key| LedgerVerifier::from_public_key(&genesis.origin, key))
             .collect::<Result<Vec<_>, _>>()?;

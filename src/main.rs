@@ -697,32 +697,42 @@ async fn export(
     data_dir: Option<PathBuf>,
     out: PathBuf,
 ) -> anyhow::Result<Result<(), Failure>> {
-    use std::io::Write as _;
+    // Everything is written to `<out>.partial`, synced, then renamed: `out` is whole or absent.
+    // The partial file is created only once the source has answered, and removed on failure.
     let partial = out.with_extension("partial");
-    let file = std::fs::File::create(&partial)
-        .with_context(|| format!("couldn't create {}", partial.display()))?;
-    let mut writer = std::io::BufWriter::new(file);
-    let count = match (server, data_dir) {
+    let create = || -> anyhow::Result<std::io::BufWriter<std::fs::File>> {
+        let file = std::fs::File::create(&partial)
+            .with_context(|| format!("couldn't create {}", partial.display()))?;
+        Ok(std::io::BufWriter::new(file))
+    };
+    let written: anyhow::Result<(std::io::BufWriter<std::fs::File>, u64)> = match (server, data_dir)
+    {
         (Some(server), _) => {
             let mut client = connect_audit(&server, tls).await?;
-            let checkpoint = client
-                .get_checkpoint(GetCheckpointRequest {})
-                .await?
-                .into_inner();
-            export::write_header(&mut writer, &checkpoint.note)?;
-            let mut stream = client
-                .get_entries(GetEntriesRequest {
-                    start: 0,
-                    end: checkpoint.tree_size,
-                })
-                .await?
-                .into_inner();
-            let mut count = 0u64;
-            while let Some(stored) = stream.next().await {
-                export::write_record(&mut writer, &stored?.entry)?;
-                count += 1;
+            let checkpoint = match client.get_checkpoint(GetCheckpointRequest {}).await {
+                Ok(checkpoint) => checkpoint.into_inner(),
+                Err(status) => return Ok(Err(refused(&status))),
+            };
+            let request = GetEntriesRequest {
+                start: 0,
+                end: checkpoint.tree_size,
+            };
+            let mut stream = match client.get_entries(request).await {
+                Ok(stream) => stream.into_inner(),
+                Err(status) => return Ok(Err(refused(&status))),
+            };
+            let mut writer = create()?;
+            async {
+                export::write_header(&mut writer, &checkpoint.note)?;
+                let mut count = 0u64;
+                while let Some(stored) = stream.next().await {
+                    export::write_record(&mut writer, &stored?.entry)?;
+                    count += 1;
+                }
+                Ok(count)
             }
-            count
+            .await
+            .map(|count| (writer, count))
         }
         (None, Some(dir)) => {
             let store = Store::open(&dir.join("db"))
@@ -730,24 +740,39 @@ async fn export(
             let head = store
                 .head()?
                 .ok_or_else(|| anyhow!("{} holds no checkpoint", dir.display()))?;
-            export::write_header(&mut writer, &head.checkpoint)?;
-            let mut count = 0u64;
-            for item in store.entries(0, head.tree_size) {
-                export::write_record(&mut writer, &item?.1)?;
-                count += 1;
-            }
-            count
+            let mut writer = create()?;
+            (|| {
+                export::write_header(&mut writer, &head.checkpoint)?;
+                let mut count = 0u64;
+                for item in store.entries(0, head.tree_size) {
+                    export::write_record(&mut writer, &item?.1)?;
+                    count += 1;
+                }
+                Ok(count)
+            })()
+            .map(|count| (writer, count))
         }
         (None, None) => return Err(anyhow!("give --server or --data-dir")),
     };
-    writer.flush()?;
-    writer
-        .into_inner()
-        .map_err(|e| e.into_error())?
-        .sync_all()?;
-    std::fs::rename(&partial, &out).with_context(|| format!("couldn't write {}", out.display()))?;
-    eprintln!("exported {count} entries to {}", out.display());
-    Ok(Ok(()))
+    let finished = written.and_then(|(writer, count)| {
+        writer
+            .into_inner()
+            .map_err(|e| e.into_error())?
+            .sync_all()?;
+        std::fs::rename(&partial, &out)
+            .with_context(|| format!("couldn't write {}", out.display()))?;
+        Ok(count)
+    });
+    match finished {
+        Ok(count) => {
+            eprintln!("exported {count} entries to {}", out.display());
+            Ok(Ok(()))
+        }
+        Err(error) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(error)
+        }
+    }
 }
 
 /// Runs a verification; the outer error is usage or I/O (exit 2).

@@ -192,19 +192,10 @@ fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> S
 }
 
 /// Writes `contents` to a new file readable only by its owner (0600), durably and whole or
-/// not at all: into `<path>.tmp` (fsynced), then renamed to `path`, then the directory is
-/// fsynced. Refuses to replace an existing `path`.
+/// not at all: into `<path>.tmp` (fsynced), then linked as `path` (which fails if `path`
+/// exists: nothing is replaced), then the directory is fsynced.
 fn write_secret(path: &Path, contents: &str) -> Result<(), ServerError> {
-    if path.exists() {
-        return Err(ServerError::Io {
-            what: "create",
-            path: path.to_owned(),
-            source: std::io::ErrorKind::AlreadyExists.into(),
-        });
-    }
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
+    let tmp = tmp_path(path);
     // Left by a crash mid-write: never renamed, so never used.
     if tmp.exists() {
         std::fs::remove_file(&tmp).map_err(io_error("remove", &tmp))?;
@@ -220,7 +211,19 @@ fn write_secret(path: &Path, contents: &str) -> Result<(), ServerError> {
     file.write_all(contents.as_bytes())
         .map_err(io_error("write", &tmp))?;
     file.sync_all().map_err(io_error("sync", &tmp))?;
-    replace_file(&tmp, path)
+    std::fs::hard_link(&tmp, path).map_err(io_error("create", path))?;
+    std::fs::remove_file(&tmp).map_err(io_error("remove", &tmp))?;
+    sync_dir(path)
+}
+
+/// Makes the directory entries of `path`'s directory durable.
+fn sync_dir(path: &Path) -> Result<(), ServerError> {
+    match path.parent() {
+        Some(dir) => std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error("sync", dir)),
+        None => Ok(()),
+    }
 }
 
 fn read_ledger_key(path: &Path) -> Result<SigningKey, ServerError> {
@@ -270,8 +273,16 @@ fn open_existing(dir: &Path, store: Store) -> Result<Ledger, ServerError> {
 fn settle_key_files(dir: &Path, ledger: &Ledger) -> Result<(), ServerError> {
     let keys = ledger.ledger_keys();
     let next_path = dir.join(NEXT_KEY);
-    if next_path.exists() {
-        let public = read_ledger_key(&next_path)?.verifying_key().to_bytes();
+    let next_file = match next_path.exists() {
+        true => Some(read_ledger_key(&next_path)),
+        false => None,
+    };
+    if let Some(Err(error)) = &next_file {
+        // Not in use (the ledger opened without it): leave it for the operator.
+        tracing::warn!(%error, "ledger.next.key is unreadable and no rotation needs it");
+    }
+    if let Some(Ok(next)) = next_file {
+        let public = next.verifying_key().to_bytes();
         if public == *keys.current() {
             tracing::info!(
                 "finishing an interrupted key rotation: ledger.next.key becomes ledger.key"
@@ -287,14 +298,10 @@ fn settle_key_files(dir: &Path, ledger: &Ledger) -> Result<(), ServerError> {
         }
     }
     let verifier_keys = ledger.verifier_keys();
-    let pub_path = dir.join(LEDGER_PUB);
-    std::fs::write(&pub_path, format!("{}\n", verifier_keys[0]))
-        .map_err(io_error("write", &pub_path))?;
+    write_public(&dir.join(LEDGER_PUB), &verifier_keys[0])?;
     let next_pub = dir.join(NEXT_PUB);
     match verifier_keys.get(1) {
-        Some(next) => {
-            std::fs::write(&next_pub, format!("{next}\n")).map_err(io_error("write", &next_pub))?
-        }
+        Some(next) => write_public(&next_pub, next)?,
         None if next_pub.exists() => {
             std::fs::remove_file(&next_pub).map_err(io_error("remove", &next_pub))?
         }
@@ -303,15 +310,28 @@ fn settle_key_files(dir: &Path, ledger: &Ledger) -> Result<(), ServerError> {
     Ok(())
 }
 
+/// Writes a public key file (a verifier key string and a newline) whole: into `<path>.tmp`,
+/// synced, then renamed over `path`.
+fn write_public(path: &Path, key: &str) -> Result<(), ServerError> {
+    let tmp = tmp_path(path);
+    let mut file = std::fs::File::create(&tmp).map_err(io_error("create", &tmp))?;
+    file.write_all(format!("{key}\n").as_bytes())
+        .map_err(io_error("write", &tmp))?;
+    file.sync_all().map_err(io_error("sync", &tmp))?;
+    replace_file(&tmp, path)
+}
+
+/// `<path>.tmp`.
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".tmp");
+    PathBuf::from(name)
+}
+
 /// Renames `from` over `to` and makes the rename durable.
 fn replace_file(from: &Path, to: &Path) -> Result<(), ServerError> {
     std::fs::rename(from, to).map_err(io_error("rename", from))?;
-    if let Some(dir) = to.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_error("sync", dir))?;
-    }
-    Ok(())
+    sync_dir(to)
 }
 
 /// A step of a ledger key rotation (see [`rotate_key`]).
@@ -341,8 +361,8 @@ pub struct RotationOutcome {
 /// Takes one step of a ledger key rotation on the stopped ledger in `data_dir` (the
 /// database is locked while a server runs):
 ///
-/// - **begin**: uses `ledger.next.key` if it exists (it must be accessible to its owner
-///   only), else generates it (mode 0600; written to a temporary file, synced, renamed, the
+/// - **begin**: uses `ledger.next.key` if it exists (not a symbolic link, accessible to its
+///   owner only, owned by `ledger.key`'s owner), else generates it (mode 0600; written to a temporary file, synced, renamed, the
 ///   directory synced), then appends the BEGIN entry signed by the current key. Checkpoints
 ///   from then on carry the signatures of both keys; `ledger.next.pub` holds the next key's
 ///   verifier key.
@@ -371,8 +391,7 @@ pub fn rotate_key(data_dir: &Path, step: RotationStep) -> Result<RotationOutcome
         RotationStep::Begin => {
             let mut ledger = open_existing(data_dir, open_store()?)?;
             let next = if next_path.exists() {
-                check_owner_only(&next_path)?;
-                read_ledger_key(&next_path)?
+                read_owner_only_key(&next_path, &data_dir.join(LEDGER_KEY))?
             } else {
                 let current = ledger.ledger_keys().current();
                 let key = loop {
@@ -407,10 +426,10 @@ pub fn rotate_key(data_dir: &Path, step: RotationStep) -> Result<RotationOutcome
         RotationStep::Cancel => {
             let receipt =
                 Ledger::cancel_key_rotation_without_next_key(open_store()?, &keyring(data_dir)?)?;
-            if let Err(error) = std::fs::remove_file(&next_path) {
-                if error.kind() != std::io::ErrorKind::NotFound {
-                    return Err(io_error("remove", &next_path)(error));
-                }
+            // A readable next key file is settled below (removed if it holds the withdrawn
+            // key, kept if it holds another); an unreadable one belonged to this rotation.
+            if next_path.exists() && read_ledger_key(&next_path).is_err() {
+                std::fs::remove_file(&next_path).map_err(io_error("remove", &next_path))?;
             }
             receipt
         }
@@ -424,27 +443,55 @@ pub fn rotate_key(data_dir: &Path, step: RotationStep) -> Result<RotationOutcome
     })
 }
 
-/// Refuses a secret key file that others than its owner may read or write.
-fn check_owner_only(path: &Path) -> Result<(), ServerError> {
+/// Reads a key file supplied by the operator (`ledger.next.key` before a begin), refusing one
+/// that is a symbolic link, that others than its owner may read or change, or whose owner is
+/// not `ledger.key`'s. The checks and the read are on one open file.
+fn read_owner_only_key(path: &Path, owner_of: &Path) -> Result<SigningKey, ServerError> {
     #[cfg(unix)]
     {
-        use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(path)
-            .map_err(io_error("inspect", path))?
-            .permissions()
-            .mode();
+        use std::io::Read as _;
+        use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+        let refuse = |message: String| ServerError::KeyFile {
+            path: path.to_owned(),
+            message,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| {
+                refuse(format!(
+                    "couldn't open it (a symbolic link is refused): {e}"
+                ))
+            })?;
+        let metadata = file.metadata().map_err(io_error("inspect", path))?;
+        let mode = metadata.mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(ServerError::KeyFile {
-                path: path.to_owned(),
-                message: format!(
-                    "mode {:o} lets others read or change it: `chmod 600` it, or remove it to \
-                     have a fresh key generated",
-                    mode & 0o777
-                ),
-            });
+            return Err(refuse(format!(
+                "mode {mode:o} lets others read or change it: `chmod 600` it, or remove it to \
+                 have a fresh key generated"
+            )));
         }
+        let owner = std::fs::metadata(owner_of)
+            .map_err(io_error("inspect", owner_of))?
+            .uid();
+        if metadata.uid() != owner {
+            return Err(refuse(format!(
+                "it belongs to user {}, not to the owner of {} (user {owner})",
+                metadata.uid(),
+                owner_of.display()
+            )));
+        }
+        let mut text = String::new();
+        file.read_to_string(&mut text)
+            .map_err(io_error("read", path))?;
+        parse_seed(&text).map_err(refuse)
     }
-    Ok(())
+    #[cfg(not(unix))]
+    {
+        let _ = owner_of;
+        read_ledger_key(path)
+    }
 }
 
 /// Opens the ledger in `config.data_dir`, creating it (keys, genesis) on first start.

@@ -298,13 +298,22 @@ fn a_lost_next_key_blocks_serving_until_the_rotation_is_cancelled() {
             .expect("opened without the next key");
         assert!(error.to_string().contains("rotate-key cancel"), "{error}");
     }
-    // Finishing needs the next key; cancelling does not.
+    // Finishing needs the next key; cancelling does not, even when the derived data must be
+    // rebuilt first (the rebuild signs with the current key alone).
     assert!(server::rotate_key(data, server::RotationStep::Finish).is_err());
+    custody::store::Store::open(&data.join("db"))
+        .unwrap()
+        .drop_derived()
+        .unwrap();
     let cancelled = server::rotate_key(data, server::RotationStep::Cancel).unwrap();
     assert_eq!(cancelled.verifier_keys.len(), 1);
     let (ledger, _) = server::open_ledger(&config).unwrap();
     assert_eq!(ledger.verifier_keys(), cancelled.verifier_keys);
     drop(ledger);
+    // A garbled next key file that no rotation needs only draws a warning.
+    std::fs::write(&next, "garbage\n").unwrap();
+    drop(server::open_ledger(&config).unwrap());
+    std::fs::remove_file(&next).unwrap();
 
     // A next key file that others may read is not taken up.
     #[cfg(unix)]
@@ -315,6 +324,14 @@ fn a_lost_next_key_blocks_serving_until_the_rotation_is_cancelled() {
         std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o644)).unwrap();
         let error = server::rotate_key(data, server::RotationStep::Begin).unwrap_err();
         assert!(error.to_string().contains("chmod 600"), "{error}");
+        // Nor is a symbolic link to a key.
+        let elsewhere = dir.path().join("elsewhere.key");
+        std::fs::rename(&next, &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &next).unwrap();
+        let error = server::rotate_key(data, server::RotationStep::Begin).unwrap_err();
+        assert!(error.to_string().contains("symbolic link"), "{error}");
+        std::fs::remove_file(&next).unwrap();
+        std::fs::rename(&elsewhere, &next).unwrap();
         std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o600)).unwrap();
         let begun = server::rotate_key(data, server::RotationStep::Begin).unwrap();
         assert!(!begun.generated);

@@ -385,7 +385,19 @@ pub async fn run_cli(args: Vec<String>) -> std::process::Output {
 /// Rewrites entry `seq` directly in a stopped ledger's sled database, as an attacker with
 /// disk access would.
 pub fn rewrite_entry(db: &Path, seq: u64, change: impl FnOnce(&mut custody::proto::Entry)) {
-    let db = sled::open(db).unwrap();
+    // A store just closed in this process may hold sled's lock for a moment (as
+    // `Store::open` knows): retry for a few seconds.
+    let started = std::time::Instant::now();
+    let db = loop {
+        match sled::open(db) {
+            Ok(db) => break db,
+            Err(e) if started.elapsed() < std::time::Duration::from_secs(5) => {
+                let _ = e;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("couldn't open {}: {e}", db.display()),
+        }
+    };
     let tree = db.open_tree("ledger").unwrap();
     let key = custody::store::keys::entry(seq);
     let mut entry =

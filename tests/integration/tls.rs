@@ -551,6 +551,13 @@ async fn binary_serves_tls_with_reader_and_writer_rules() {
     let token = ["--token-file", token_file.to_str().unwrap()];
     let (code, stdout, stderr) = cli("checkpoint", &auditor_cert, &["--tls-domain", "localhost"]);
     assert_eq!(code, Some(0), "{stderr}");
+    // A name the server's certificate does not carry fails the handshake (exit 2).
+    let (code, _, stderr) = cli(
+        "checkpoint",
+        &auditor_cert,
+        &["--tls-domain", "other.example"],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stdout.starts_with("localhost/custody\n2\n"), "{stdout}");
     let (code, stdout, stderr) = cli("query", &token, &["--kind", "key-grant"]);
     assert_eq!(code, Some(0), "{stderr}");
@@ -589,6 +596,10 @@ async fn binary_serves_tls_with_reader_and_writer_rules() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains("\"seq\":2"), "{stdout}");
     let export = dir.path().join("ledger.export");
+    // Refused (no credential): exit 1 and no file left behind.
+    let (code, _, stderr) = cli("export", &[], &["--out", export.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(!export.exists() && !export.with_extension("partial").exists());
     let (code, _, stderr) = cli("export", &token, &["--out", export.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{stderr}");
     let ledger_pub = std::fs::read_to_string(dir.path().join("data/ledger.pub")).unwrap();
