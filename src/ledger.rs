@@ -1714,6 +1714,14 @@ mod tests {
             .unwrap()
     }
 
+    /// The ledger's newest checkpoint as `key` alone would sign it.
+    fn signed_alone(ledger: &Ledger, key: &SigningKey) -> String {
+        let head = ledger.head();
+        CheckpointSigner::new(ledger.origin(), key.clone())
+            .unwrap()
+            .sign(head.tree_size, &head.root)
+    }
+
     /// Whether `note` carries a valid signature by `key`.
     fn signed_by(ledger: &Ledger, note: &str, key: &SigningKey) -> bool {
         let key = LedgerVerifier::from_public_key(ledger.origin(), key.verifying_key().as_bytes())
@@ -1806,12 +1814,8 @@ mod tests {
             ));
         }
         // A checkpoint signed by the old key alone, after the rotation began, is refused.
-        let head = ledger.head();
-        let old_only = CheckpointSigner::new(ledger.origin(), old.clone())
-            .unwrap()
-            .sign(head.tree_size, &head.root);
         assert!(matches!(
-            verify_stored(&ledger, &old_only, &old, None),
+            verify_stored(&ledger, &signed_alone(&ledger, &old), &old, None),
             Err(IntegrityFailure::Checkpoint(
                 CheckpointError::MissingSignature(_)
             ))
@@ -1856,11 +1860,8 @@ mod tests {
         ));
         // The retired key signs nothing any more: a checkpoint it alone signs is refused.
         let head = ledger.head();
-        let retired = CheckpointSigner::new(ledger.origin(), old.clone())
-            .unwrap()
-            .sign(head.tree_size, &head.root);
         assert!(matches!(
-            verify_stored(&ledger, &retired, &old, None),
+            verify_stored(&ledger, &signed_alone(&ledger, &old), &old, None),
             Err(IntegrityFailure::Checkpoint(
                 CheckpointError::NotSignedByKey
             ))
