@@ -244,16 +244,13 @@ const NEXT_KEY: &str = "ledger.next.key";
 const NEXT_PUB: &str = "ledger.next.pub";
 
 /// The private ledger keys in `dir`: `ledger.key`, and `ledger.next.key` if present. An
-/// unreadable `ledger.next.key` is left out with a warning: if a rotation needs it, opening
-/// the ledger says so (and `rotate-key cancel` works without it).
+/// unreadable `ledger.next.key` is left out: if a rotation needs it, opening the ledger says
+/// so (and `rotate-key cancel` works without it); if none does, [`settle_key_files`] warns.
 fn keyring(dir: &Path) -> Result<Vec<SigningKey>, ServerError> {
     let mut keys = vec![read_ledger_key(&dir.join(LEDGER_KEY))?];
     let next = dir.join(NEXT_KEY);
     if next.exists() {
-        match read_ledger_key(&next) {
-            Ok(key) => keys.push(key),
-            Err(error) => tracing::warn!(%error, "ignoring ledger.next.key"),
-        }
+        keys.extend(read_ledger_key(&next).ok());
     }
     Ok(keys)
 }
@@ -273,10 +270,7 @@ fn open_existing(dir: &Path, store: Store) -> Result<Ledger, ServerError> {
 fn settle_key_files(dir: &Path, ledger: &Ledger) -> Result<(), ServerError> {
     let keys = ledger.ledger_keys();
     let next_path = dir.join(NEXT_KEY);
-    let next_file = match next_path.exists() {
-        true => Some(read_ledger_key(&next_path)),
-        false => None,
-    };
+    let next_file = next_path.exists().then(|| read_ledger_key(&next_path));
     if let Some(Err(error)) = &next_file {
         // Not in use (the ledger opened without it): leave it for the operator.
         tracing::warn!(%error, "ledger.next.key is unreadable and no rotation needs it");
