@@ -3,6 +3,7 @@
 
 use prost::Message as _;
 use std::collections::HashMap;
+use std::sync::mpsc;
 
 use crate::checkpoint::{self, CheckpointError, CheckpointNote, LedgerVerifier};
 use crate::merkle::{self, ProofError};
@@ -330,12 +331,13 @@ fn kind_label(kind: crate::proto::EventKind) -> String {
         .to_ascii_lowercase()
 }
 
-/// Entries whose signatures are verified together (one Ed25519 batch per core). Bigger chunks
-/// mean fewer hand-offs between the signature worker and the judging thread: 16,384 took
-/// about 10% less time than 4,096 on a 1.2M-entry export, for about 80 MB more peak memory
-/// (BENCHMARKS.md). Unit tests use 4,096, so that a few thousand entries already cross chunk
+/// Entries handed to the checking thread at a time (their signatures in batches of up to
+/// 8,192, shared by every core). Bigger chunks mean fewer hand-offs between the checking
+/// thread and the judging thread: 16,384 took about 10% less time than 4,096 on a 1.2M-entry
+/// export, and 32,768 about 7% less than 16,384 on a 1M-entry one with the same peak memory
+/// under mimalloc (BENCHMARKS.md). Unit tests use 4,096, so that a few thousand entries already cross chunk
 /// boundaries; nothing in the verifier depends on the size.
-const CHUNK_ENTRIES: usize = if cfg!(test) { 4096 } else { 16_384 };
+const CHUNK_ENTRIES: usize = if cfg!(test) { 4096 } else { 32_768 };
 
 /// A chunk of entries whose signatures have been checked.
 struct Preverified {
@@ -393,9 +395,37 @@ fn preverify_chunk(chunk: Vec<Vec<u8>>, hints: &HashMap<String, [u8; 32]>) -> Pr
     }
 }
 
-/// What the signature-checking thread hands back: the checked chunk, and the key hints
-/// extended with the chunk's grants.
-type Checked = (Preverified, HashMap<String, [u8; 32]>);
+/// The thread that decodes chunks and checks their signatures, one chunk ahead of the judging.
+/// It lives as long as the verifier: a thread per chunk started each time with an empty
+/// allocator heap, and touching fresh pages cost about 7% of a verify's samples in page
+/// clearing (`perf`). It stops when the verifier drops its sender.
+struct Checker {
+    chunks: mpsc::SyncSender<Vec<Vec<u8>>>,
+    checked: mpsc::Receiver<Preverified>,
+}
+
+impl Checker {
+    fn start() -> std::io::Result<Self> {
+        let (chunks, chunks_rx) = mpsc::sync_channel::<Vec<Vec<u8>>>(1);
+        let (checked_tx, checked) = mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("custody-preverify".into())
+            .spawn(move || {
+                // Every key a grant or the genesis seen so far names, by key id: where
+                // signatures are checked before the grants are judged. Only hints (see
+                // [`trust::preverify`]).
+                let mut hints: HashMap<String, [u8; 32]> = HashMap::new();
+                while let Ok(chunk) = chunks_rx.recv() {
+                    let checked = preverify_chunk(chunk, &hints);
+                    hints.extend(checked.grants.iter().cloned());
+                    if checked_tx.send(checked).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Self { chunks, checked })
+    }
+}
 
 /// A checkpoint note whose signatures wait for the entries: which ledger keys must have signed
 /// it depends on the rotations recorded before its tree size.
@@ -451,13 +481,10 @@ impl PendingCheckpoint {
 /// chunk before (which runs in ledger order) and with the reading of the chunk after.
 pub struct ExportVerifier<S: ReplayState = MemoryState> {
     pending: Vec<Vec<u8>>,
-    /// The thread checking the signatures of the chunk before `pending`, and that chunk's
-    /// length.
-    checking: Option<(std::thread::JoinHandle<Checked>, usize)>,
-    /// Every key a grant or the genesis seen so far names, by key id: where signatures are
-    /// checked before the grants are judged. Only hints (see [`trust::preverify`]). Empty
-    /// while the checking thread holds them.
-    key_hints: HashMap<String, [u8; 32]>,
+    /// The checking thread, once the first chunk is full.
+    checker: Option<Checker>,
+    /// The length of the chunk before `pending`, while the checking thread has it.
+    checking: Option<usize>,
     checkpoint: PendingCheckpoint,
     /// The previous checkpoint, until the entries reach its tree size and it is checked.
     previous: Option<PendingCheckpoint>,
@@ -551,8 +578,8 @@ impl<S: ReplayState> ExportVerifier<S> {
         };
         Ok(Self {
             pending: Vec::with_capacity(CHUNK_ENTRIES),
+            checker: None,
             checking: None,
-            key_hints: HashMap::new(),
             checkpoint,
             previous,
             trusted: key.clone(),
@@ -573,7 +600,7 @@ impl<S: ReplayState> ExportVerifier<S> {
     /// Takes the next entry's stored bytes. Failures are reported in ledger order: an error
     /// may name an earlier entry of the current or the previous chunk.
     pub fn push(&mut self, bytes: Vec<u8>) -> Result<(), IntegrityFailure> {
-        let waiting = self.checking.as_ref().map_or(0, |(_, len)| *len);
+        let waiting = self.checking.unwrap_or(0);
         let seen = self.frontier.size() + (waiting + self.pending.len()) as u64;
         if seen >= self.checkpoint.tree_size {
             self.drain()?;
@@ -589,39 +616,39 @@ impl<S: ReplayState> ExportVerifier<S> {
         Ok(())
     }
 
-    /// Waits for the checking thread, if one runs, and takes back the key hints; returns the
-    /// chunk it checked.
+    /// Waits for the chunk the checking thread has, if it has one.
     fn collect_checked(&mut self) -> Result<Option<Preverified>, IntegrityFailure> {
-        let Some((worker, _)) = self.checking.take() else {
+        if self.checking.take().is_none() {
             return Ok(None);
-        };
-        let (checked, hints) = worker.join().map_err(|_| {
-            IntegrityFailure::State("signature checking stopped unexpectedly".into())
-        })?;
-        self.key_hints = hints;
-        Ok(Some(checked))
+        }
+        let stopped = || IntegrityFailure::State("signature checking stopped unexpectedly".into());
+        let checker = self.checker.as_ref().ok_or_else(stopped)?;
+        checker.checked.recv().map(Some).map_err(|_| stopped())
     }
 
-    /// Takes the chunk the checking thread has checked, starts checking the pending chunk in a
-    /// new thread and judges the taken one meanwhile. The new thread keeps running after this
-    /// returns, while the caller reads the next chunk.
+    /// Takes the chunk the checking thread has checked, hands it the pending chunk and judges
+    /// the taken one meanwhile. The checking goes on after this returns, while the caller
+    /// reads the next chunk.
     fn flush_chunk(&mut self) -> Result<(), IntegrityFailure> {
         let previous = self.collect_checked()?;
         let chunk = std::mem::take(&mut self.pending);
         if !chunk.is_empty() {
             let len = chunk.len();
-            let mut hints = std::mem::take(&mut self.key_hints);
-            let worker = std::thread::Builder::new()
-                .name("custody-preverify".into())
-                .spawn(move || {
-                    let checked = preverify_chunk(chunk, &hints);
-                    hints.extend(checked.grants.iter().cloned());
-                    (checked, hints)
-                })
-                .map_err(|e| {
+            if self.checker.is_none() {
+                self.checker = Some(Checker::start().map_err(|e| {
                     IntegrityFailure::State(format!("couldn't start signature checking: {e}"))
-                })?;
-            self.checking = Some((worker, len));
+                })?);
+            }
+            let sent = match &self.checker {
+                Some(checker) => checker.chunks.send(chunk).is_ok(),
+                None => false,
+            };
+            if !sent {
+                return Err(IntegrityFailure::State(
+                    "signature checking stopped unexpectedly".into(),
+                ));
+            }
+            self.checking = Some(len);
             self.pending = Vec::with_capacity(CHUNK_ENTRIES);
         }
         match previous {

@@ -7,6 +7,7 @@
 //! order) is the key the hint verified under, and verifies the signature itself otherwise.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ed25519_dalek::VerifyingKey;
 
@@ -33,6 +34,11 @@ pub fn all_cores() -> usize {
 
 /// Fewest signatures worth a thread of their own.
 const MIN_PER_THREAD: usize = 128;
+
+/// Most signatures verified in one batch equation. Bigger batches cost less per signature
+/// (`custody verify` took about 10% longer with batches of 1,024 than of 8,192 on a 1M-entry
+/// export); smaller ones share the work among threads more evenly.
+const SUB_BATCH: usize = 8192;
 
 /// For each event, the public key its signature verified under, if any. `registered` looks a
 /// key id up in the state before the run. Uses up to `threads` threads (at least one).
@@ -74,36 +80,47 @@ pub fn preverify<'a>(
     if items.is_empty() {
         return preverified;
     }
-    // A thread per core for large runs; small ones are not worth a thread's start-up.
+    // A thread per core for large runs (the calling thread is one of them); small ones are not
+    // worth a thread's start-up. The threads take batches in turn rather than a fixed share
+    // each, so that one the scheduler leaves behind does not keep the others idle at the end.
     let threads = threads.clamp(1, items.len().div_ceil(MIN_PER_THREAD));
-    let per_thread = items.len().div_ceil(threads);
-    let check = |part: &[(usize, [u8; 32], BatchItem<'a>)]| {
-        let batch: Vec<BatchItem<'_>> = part
-            .iter()
-            .map(|(_, _, item)| BatchItem {
-                key: item.key,
-                payload: item.payload,
-                signature: item.signature,
-            })
-            .collect();
-        part.iter()
-            .zip(envelope::verify_batch(&batch))
-            .map(|((i, key, _), ok)| (*i, ok.then_some(*key)))
-            .collect::<Vec<_>>()
+    // At most SUB_BATCH, and small enough that every thread gets a batch.
+    let sub_batch = items.len().div_ceil(threads).min(SUB_BATCH);
+    let batches = items.len().div_ceil(sub_batch);
+    let next = AtomicUsize::new(0);
+    let check = || {
+        let mut checked = Vec::new();
+        loop {
+            let b = next.fetch_add(1, Ordering::Relaxed);
+            if b >= batches {
+                return checked;
+            }
+            let part = &items[b * sub_batch..((b + 1) * sub_batch).min(items.len())];
+            let batch: Vec<BatchItem<'_>> = part
+                .iter()
+                .map(|(_, _, item)| BatchItem {
+                    key: item.key,
+                    payload: item.payload,
+                    signature: item.signature,
+                })
+                .collect();
+            checked.extend(
+                part.iter()
+                    .zip(envelope::verify_batch(&batch))
+                    .map(|((i, key, _), ok)| (*i, ok.then_some(*key))),
+            );
+        }
     };
     let results: Vec<Vec<(usize, Option<[u8; 32]>)>> = if threads == 1 {
-        vec![check(&items)]
+        vec![check()]
     } else {
         std::thread::scope(|scope| {
-            let handles: Vec<_> = items
-                .chunks(per_thread)
-                .map(|part| scope.spawn(move || check(part)))
-                .collect();
-            // A panicked thread leaves its events to be verified one by one when judged.
-            handles
-                .into_iter()
-                .map(|handle| handle.join().unwrap_or_default())
-                .collect()
+            let handles: Vec<_> = (1..threads).map(|_| scope.spawn(check)).collect();
+            let mut results = vec![check()];
+            // A panicked thread leaves the batches it took to be verified one by one when
+            // judged (their entries stay None).
+            results.extend(handles.into_iter().map(|h| h.join().unwrap_or_default()));
+            results
         })
     };
     for (i, key) in results.into_iter().flatten() {
@@ -169,6 +186,41 @@ mod tests {
             );
             assert_eq!(result[2], None, "unknown signer");
             assert_eq!(result[3], None, "bad signature");
+        }
+    }
+
+    #[test]
+    fn threads_sharing_batches_flag_exactly_the_bad_signatures() {
+        let key = SigningKey::from_bytes(&[4; 32]);
+        let public = key.verifying_key().to_bytes();
+        let id = envelope::key_id(&public);
+        let event = |n: usize| Event {
+            event_id: format!("e{n}"),
+            occurred_at_ms: 1,
+            body: None,
+        };
+        // Enough signatures for several batches per thread, bad ones in different batches.
+        let bad = [0, 130, 131, 599, 1000];
+        let events: Vec<(SignedEvent, Event)> = (0..1001)
+            .map(|n| {
+                let mut signed = envelope::sign_event(&key, &event(n));
+                if bad.contains(&n) {
+                    signed.signature[5] ^= 0x40;
+                }
+                (signed, event(n))
+            })
+            .collect();
+        for threads in [1, 2, 4, 16] {
+            let result = preverify(
+                events.iter().map(|(s, e)| (s, Some(e))),
+                |asked| (asked == id).then_some(public),
+                threads,
+            );
+            assert_eq!(result.len(), events.len());
+            for (n, got) in result.iter().enumerate() {
+                let expected = (!bad.contains(&n)).then_some(public);
+                assert_eq!(*got, expected, "event {n} with {threads} threads");
+            }
         }
     }
 }
