@@ -403,28 +403,37 @@ enum Failure {
 /// The allocator: mimalloc instead of glibc's malloc. The verifier decodes entries on one
 /// thread and frees them on another, and the append pipeline hands buffers from thread to
 /// thread; glibc spent about a third of `custody verify`'s samples in malloc and free
-/// (`perf`), and mimalloc cut a 1M-entry verify from 13.5 to 8.1 s and raised ingest from about
-/// 18,000 to 26,000 events/s (BENCHMARKS.md).
+/// (`perf`); with mimalloc a 1M-entry verify took 8.1 s instead of 13.5 s, and ingest rose
+/// from about 18,000 to 24,000–27,000 events/s (BENCHMARKS.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// mimalloc's `mi_option_purge_delay` (mimalloc.h): how long freed memory stays committed
-/// before it is returned to the OS.
+/// before it is returned to the OS. 15 in mimalloc 3.3 (and 2.x) as libmimalloc-sys 0.1.49
+/// builds it; Cargo.toml pins that version, since the sys crate names no constant for it.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Makes the long-running server return freed memory to the OS at once rather than after
 /// mimalloc's default delay of one second: over a million events at full speed its peak RSS
 /// was 516 MiB with the delay and 463–469 MiB without, at the same throughput (BENCHMARKS.md).
 /// Offline commands keep the delay: purging at once cost `custody verify` about 7% of its
-/// samples in page faults.
+/// samples in page faults. An operator's `MIMALLOC_PURGE_DELAY` takes precedence. Must run
+/// before any other thread starts.
 fn purge_freed_memory_at_once() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
     // SAFETY: sets one of mimalloc's options, a plain integer it reads when it purges; any
-    // value is valid for it.
+    // value is valid for it. No other thread exists yet (the caller runs before the async
+    // runtime starts), so nothing reads the option while it is written.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Serve(_)) {
+        purge_freed_memory_at_once();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -450,7 +459,6 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<Result<(), Failure>> {
     match cli.command {
         Command::Serve(settings) => {
-            purge_freed_memory_at_once();
             let resolved = settings.resolve()?;
             init_logging(resolved.log_format);
             serve(resolved.config, resolved.listen).await?;

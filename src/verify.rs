@@ -334,9 +334,10 @@ fn kind_label(kind: crate::proto::EventKind) -> String {
 /// Entries handed to the checking thread at a time (their signatures in batches of up to
 /// 8,192, shared by every core). Bigger chunks mean fewer hand-offs between the checking
 /// thread and the judging thread: 16,384 took about 10% less time than 4,096 on a 1.2M-entry
-/// export, and 32,768 about 7% less than 16,384 on a 1M-entry one with the same peak memory
-/// under mimalloc (BENCHMARKS.md). Unit tests use 4,096, so that a few thousand entries already cross chunk
-/// boundaries; nothing in the verifier depends on the size.
+/// export, and 32,768 (with the batches shared in turn) about 7% less than 16,384 on a
+/// 1M-entry one, at about the same peak memory under mimalloc (BENCHMARKS.md). Unit tests
+/// use 4,096, so that a few thousand entries already cross chunk boundaries; nothing in the
+/// verifier depends on the size.
 const CHUNK_ENTRIES: usize = if cfg!(test) { 4096 } else { 32_768 };
 
 /// A chunk of entries whose signatures have been checked.
@@ -396,9 +397,10 @@ fn preverify_chunk(chunk: Vec<Vec<u8>>, hints: &HashMap<String, [u8; 32]>) -> Pr
 }
 
 /// The thread that decodes chunks and checks their signatures, one chunk ahead of the judging.
-/// It lives as long as the verifier: a thread per chunk started each time with an empty
-/// allocator heap, and touching fresh pages cost about 7% of a verify's samples in page
-/// clearing (`perf`). It stops when the verifier drops its sender.
+/// It lives as long as the verifier, so its allocator heap stays warm: with a thread per chunk
+/// (each starting on an empty heap) page clearing took about 7% of a verify's samples, with
+/// one thread about 3.5% (`perf`; the helper threads of [`trust::preverify`] still start per
+/// chunk). It stops after its current chunk once the verifier is dropped.
 struct Checker {
     chunks: mpsc::SyncSender<Vec<Vec<u8>>>,
     checked: mpsc::Receiver<Preverified>,
@@ -474,11 +476,12 @@ impl PendingCheckpoint {
     }
 }
 
-/// Verifies a whole ledger entry by entry, in memory bounded by three chunks of entries plus
-/// the trust state (keys, consents, tokens). Feed it every entry in order, then call
-/// [`finish`](Self::finish). Signatures are checked a chunk at a time with Ed25519 batch
-/// verification on every core, in a background thread that overlaps with the judging of the
-/// chunk before (which runs in ledger order) and with the reading of the chunk after.
+/// Verifies a whole ledger entry by entry, in memory bounded by three chunks of entries
+/// ([`CHUNK_ENTRIES`] each, decoded) plus the trust state (keys, consents, tokens). Feed it
+/// every entry in order, then call [`finish`](Self::finish). Signatures are checked a chunk
+/// at a time with Ed25519 batch verification on every core, in a background thread that
+/// overlaps with the judging of the chunk before (which runs in ledger order) and with the
+/// reading of the chunk after.
 pub struct ExportVerifier<S: ReplayState = MemoryState> {
     pending: Vec<Vec<u8>>,
     /// The checking thread, once the first chunk is full.

@@ -31,12 +31,12 @@ use custody::server::KeyPairJson;
 use custody::store::Store;
 use ed25519_dalek::SigningKey;
 use sha2::Digest as _;
+use tokio_stream::StreamExt as _;
 
 /// The allocator the `custody` binary uses, so that the store-only reference measured here
 /// runs on the same allocator as the server it is compared with.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use tokio_stream::StreamExt as _;
 
 #[derive(Parser)]
 #[command(

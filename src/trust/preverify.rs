@@ -116,9 +116,10 @@ pub fn preverify<'a>(
     } else {
         std::thread::scope(|scope| {
             let handles: Vec<_> = (1..threads).map(|_| scope.spawn(check)).collect();
-            let mut results = vec![check()];
-            // A panicked thread leaves the batches it took to be verified one by one when
-            // judged (their entries stay None).
+            // A thread that panics (this one included) leaves the batches it took to be
+            // verified one by one when judged: their entries stay None.
+            let own = std::panic::catch_unwind(std::panic::AssertUnwindSafe(check));
+            let mut results = vec![own.unwrap_or_default()];
             results.extend(handles.into_iter().map(|h| h.join().unwrap_or_default()));
             results
         })
