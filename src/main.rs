@@ -402,9 +402,9 @@ enum Failure {
 
 /// The allocator: mimalloc instead of glibc's malloc. The verifier decodes entries on one
 /// thread and frees them on another, and the append pipeline hands buffers from thread to
-/// thread; glibc spent about a third of `custody verify`'s samples in malloc and free
-/// (`perf`); with mimalloc a 1M-entry verify took 8.1 s instead of 13.5 s, and ingest rose
-/// from about 18,000 to 24,000–27,000 events/s (BENCHMARKS.md).
+/// thread; glibc's malloc and free took about 28% of `custody verify`'s samples (`perf`);
+/// with mimalloc a 1M-entry verify took 8.1 s instead of 13.5 s, and ingest rose from about
+/// 18,000 to 24,000–29,000 events/s (BENCHMARKS.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
