@@ -36,7 +36,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ed25519_dalek::SigningKey;
+use ed25519_dalek::{SigningKey, VerifyingKey};
 use prost::Message as _;
 
 use crate::checkpoint::{self, CheckpointError, CheckpointSigner, LedgerVerifier};
@@ -299,16 +299,21 @@ impl Ledger {
         &self.ledger_keys
     }
 
+    /// Whether `key`'s 4-byte note key hash equals the current ledger key's (one chance in
+    /// 2^32): checkpoint notes could not tell the two keys' signatures apart, so such a key
+    /// cannot be the next key.
+    pub fn note_key_id_collides(&self, key: &VerifyingKey) -> bool {
+        checkpoint::note_key_id(self.origin(), key)
+            == checkpoint::note_key_id(self.origin(), &self.current_key.verifying_key())
+    }
+
     /// Begins rotating the ledger key to `next`: appends a BEGIN entry signed by the current
     /// key, durably, and returns its receipt. Its checkpoint and every later one carry the
     /// signatures of both keys until the rotation is finished or cancelled. Refused (nothing
     /// written) while another rotation is under way, or if `next` was a ledger key before.
     pub fn begin_key_rotation(&mut self, next: SigningKey) -> Result<Receipt, LedgerError> {
         let next_public = next.verifying_key().to_bytes();
-        if checkpoint::note_key_id(self.origin(), &next.verifying_key())
-            == checkpoint::note_key_id(self.origin(), &self.current_key.verifying_key())
-        {
-            // One in 2^32: checkpoint notes could not tell the two keys' signatures apart.
+        if self.note_key_id_collides(&next.verifying_key()) {
             return Err(LedgerError::Rotation(Refusal::Conflict(
                 "the next key's note key hash equals the current key's; use another key".into(),
             )));

@@ -196,7 +196,7 @@ fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> S
 /// exists: nothing is replaced), then the directory is fsynced.
 fn write_secret(path: &Path, contents: &str) -> Result<(), ServerError> {
     let tmp = tmp_path(path);
-    // Left by a crash mid-write: never renamed, so never used.
+    // Left by a crash mid-write: never linked, so never used.
     if tmp.exists() {
         std::fs::remove_file(&tmp).map_err(io_error("remove", &tmp))?;
     }
@@ -207,10 +207,7 @@ fn write_secret(path: &Path, contents: &str) -> Result<(), ServerError> {
         use std::os::unix::fs::OpenOptionsExt as _;
         options.mode(0o600);
     }
-    let mut file = options.open(&tmp).map_err(io_error("create", &tmp))?;
-    file.write_all(contents.as_bytes())
-        .map_err(io_error("write", &tmp))?;
-    file.sync_all().map_err(io_error("sync", &tmp))?;
+    write_synced(&options, &tmp, contents)?;
     std::fs::hard_link(&tmp, path).map_err(io_error("create", path))?;
     std::fs::remove_file(&tmp).map_err(io_error("remove", &tmp))?;
     sync_dir(path)
@@ -308,11 +305,22 @@ fn settle_key_files(dir: &Path, ledger: &Ledger) -> Result<(), ServerError> {
 /// synced, then renamed over `path`.
 fn write_public(path: &Path, key: &str) -> Result<(), ServerError> {
     let tmp = tmp_path(path);
-    let mut file = std::fs::File::create(&tmp).map_err(io_error("create", &tmp))?;
-    file.write_all(format!("{key}\n").as_bytes())
-        .map_err(io_error("write", &tmp))?;
-    file.sync_all().map_err(io_error("sync", &tmp))?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    write_synced(&options, &tmp, &format!("{key}\n"))?;
     replace_file(&tmp, path)
+}
+
+/// Opens `path` with `options`, writes `contents` and syncs the file.
+fn write_synced(
+    options: &std::fs::OpenOptions,
+    path: &Path,
+    contents: &str,
+) -> Result<(), ServerError> {
+    let mut file = options.open(path).map_err(io_error("create", path))?;
+    file.write_all(contents.as_bytes())
+        .map_err(io_error("write", path))?;
+    file.sync_all().map_err(io_error("sync", path))
 }
 
 /// `<path>.tmp`.
@@ -356,8 +364,8 @@ pub struct RotationOutcome {
 /// database is locked while a server runs):
 ///
 /// - **begin**: uses `ledger.next.key` if it exists (not a symbolic link, accessible to its
-///   owner only, owned by `ledger.key`'s owner), else generates it (mode 0600; written to a temporary file, synced, renamed, the
-///   directory synced), then appends the BEGIN entry signed by the current key. Checkpoints
+///   owner only, owned by `ledger.key`'s owner), else generates it (see [`write_secret`]),
+///   then appends the BEGIN entry signed by the current key. Checkpoints
 ///   from then on carry the signatures of both keys; `ledger.next.pub` holds the next key's
 ///   verifier key.
 /// - **finish**: appends the FINISH entry signed by the next key, then renames
@@ -387,15 +395,9 @@ pub fn rotate_key(data_dir: &Path, step: RotationStep) -> Result<RotationOutcome
             let next = if next_path.exists() {
                 read_owner_only_key(&next_path, &data_dir.join(LEDGER_KEY))?
             } else {
-                let current = ledger.ledger_keys().current();
                 let key = loop {
                     let key = generate_key();
-                    // One in 2^32: a key whose note key hash equals the current key's.
-                    let collides = envelope::parse_public_key(current).is_ok_and(|current| {
-                        checkpoint::note_key_id(ledger.origin(), &current)
-                            == checkpoint::note_key_id(ledger.origin(), &key.verifying_key())
-                    });
-                    if !collides {
+                    if !ledger.note_key_id_collides(&key.verifying_key()) {
                         break key;
                     }
                 };
@@ -428,7 +430,7 @@ pub fn rotate_key(data_dir: &Path, step: RotationStep) -> Result<RotationOutcome
             receipt
         }
     };
-    // Reopened (or still open): settle the files and report the keys that sign now.
+    // Reopened: opening settles the key files; report the keys that sign now.
     let ledger = open_existing(data_dir, open_store()?)?;
     Ok(RotationOutcome {
         receipt,

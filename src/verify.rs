@@ -429,6 +429,11 @@ impl Checker {
     }
 }
 
+/// The checking thread is gone (it panicked) before handing a chunk back or taking one.
+fn checking_stopped() -> IntegrityFailure {
+    IntegrityFailure::State("signature checking stopped unexpectedly".into())
+}
+
 /// A checkpoint note whose signatures wait for the entries: which ledger keys must have signed
 /// it depends on the rotations recorded before its tree size.
 struct PendingCheckpoint {
@@ -624,9 +629,12 @@ impl<S: ReplayState> ExportVerifier<S> {
         if self.checking.take().is_none() {
             return Ok(None);
         }
-        let stopped = || IntegrityFailure::State("signature checking stopped unexpectedly".into());
-        let checker = self.checker.as_ref().ok_or_else(stopped)?;
-        checker.checked.recv().map(Some).map_err(|_| stopped())
+        let checker = self.checker.as_ref().ok_or_else(checking_stopped)?;
+        checker
+            .checked
+            .recv()
+            .map(Some)
+            .map_err(|_| checking_stopped())
     }
 
     /// Takes the chunk the checking thread has checked, hands it the pending chunk and judges
@@ -642,14 +650,12 @@ impl<S: ReplayState> ExportVerifier<S> {
                     IntegrityFailure::State(format!("couldn't start signature checking: {e}"))
                 })?);
             }
-            let sent = match &self.checker {
-                Some(checker) => checker.chunks.send(chunk).is_ok(),
-                None => false,
-            };
+            let sent = self
+                .checker
+                .as_ref()
+                .is_some_and(|checker| checker.chunks.send(chunk).is_ok());
             if !sent {
-                return Err(IntegrityFailure::State(
-                    "signature checking stopped unexpectedly".into(),
-                ));
+                return Err(checking_stopped());
             }
             self.checking = Some(len);
             self.pending = Vec::with_capacity(CHUNK_ENTRIES);

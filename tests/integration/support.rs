@@ -391,8 +391,7 @@ pub fn rewrite_entry(db: &Path, seq: u64, change: impl FnOnce(&mut custody::prot
     let db = loop {
         match sled::open(db) {
             Ok(db) => break db,
-            Err(e) if started.elapsed() < std::time::Duration::from_secs(5) => {
-                let _ = e;
+            Err(_) if started.elapsed() < std::time::Duration::from_secs(5) => {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             Err(e) => panic!("couldn't open {}: {e}", db.display()),
