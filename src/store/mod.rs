@@ -4,7 +4,8 @@
 //! Contract: [`Store::commit`] writes a whole batch atomically and returns only after sled
 //! has flushed it to disk; once it returns, the batch survives a crash. It is
 //! [`Store::apply`] (atomic, visible to readers at once, not yet durable) followed by
-//! [`Store::flush`] (everything applied so far becomes durable); the server applies a batch
+//! [`Store::flush`] (everything applied so far becomes durable: sled's flush, then
+//! `fdatasync` of sled's files, which sled's flush alone does not do; see `durable`); the server applies a batch
 //! while the one before it is being flushed, and acknowledges a batch only after a flush that
 //! follows its apply. If the process dies
 //! before it returns, recovery shows the store as it was before the batch (sled applies a
@@ -13,6 +14,7 @@
 //!
 //! The store is used by one writer (the group-commit task) and many readers.
 
+mod durable;
 pub mod keys;
 
 use std::path::Path;
@@ -33,6 +35,10 @@ pub enum StoreError {
     /// An earlier storage failure stopped the ledger's appends until it is restarted.
     #[error("appends stopped after an earlier storage failure; restart the ledger")]
     Stopped,
+    /// Making a flush durable (syncing sled's files) failed: what was flushed may not
+    /// survive a power loss, so it is not acknowledged.
+    #[error("couldn't sync the store's files: {0}")]
+    Sync(std::io::Error),
     /// Reading state for a rule failed.
     #[error("couldn't read state: {0}")]
     Read(String),
@@ -103,6 +109,7 @@ pub struct PrefixUsage {
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
+    files: durable::SledFiles,
 }
 
 impl Store {
@@ -123,7 +130,8 @@ impl Store {
             {
                 Ok(db) => {
                     let tree = db.open_tree("ledger")?;
-                    return Ok(Self { db, tree });
+                    let files = durable::SledFiles::open(dir).map_err(StoreError::Sync)?;
+                    return Ok(Self { db, tree, files });
                 }
                 Err(sled::Error::Io(e))
                     if e.kind() == std::io::ErrorKind::WouldBlock
@@ -401,8 +409,7 @@ impl Store {
         }
         batch.insert(keys::named(keys::META, keys::META_REBUILDING), &[]);
         self.tree.apply_batch(batch)?;
-        self.db.flush()?;
-        Ok(())
+        self.flush()
     }
 
     /// Whether a rebuild was started and not finished.
@@ -416,8 +423,7 @@ impl Store {
     pub fn finish_rebuild(&self) -> Result<(), StoreError> {
         self.tree
             .remove(keys::named(keys::META, keys::META_REBUILDING))?;
-        self.db.flush()?;
-        Ok(())
+        self.flush()
     }
 
     fn hash_page(&self, page: u64) -> Result<Vec<u8>, StoreError> {
@@ -538,10 +544,12 @@ impl Store {
         Ok(())
     }
 
-    /// Makes everything applied so far durable: once this returns `Ok`, it survives a crash.
+    /// Makes everything applied so far durable: once this returns `Ok`, it survives a crash
+    /// of the process or of the machine (sled's flush writes it out; `fdatasync` of sled's
+    /// log and blob files then commits their metadata and the device's write cache).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
-        Ok(())
+        self.files.sync().map_err(StoreError::Sync)
     }
 }
 
@@ -731,6 +739,19 @@ mod tests {
         // Reopen: same head.
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.head().unwrap().unwrap().root, reference.root());
+    }
+
+    #[test]
+    fn a_flush_syncs_the_blob_files_sled_writes_and_sees_them_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // Far over a quarter of a 512 KiB segment: sled writes it to a file of its own.
+        store.tree.insert(b"big", vec![7u8; 400 * 1024]).unwrap();
+        store.flush().unwrap();
+        let blobs = std::fs::read_dir(dir.path().join("blobs")).unwrap().count();
+        assert!(blobs > 0, "sled wrote no blob file");
+        let state = store.files.pending_and_known();
+        assert_eq!(state, (0, blobs), "every blob synced and seen whole");
     }
 
     #[test]
