@@ -10,12 +10,16 @@
 //! leaf of sixteen 8 KiB hash pages) goes to a file of its own under `blobs/`, written and
 //! never synced, nor is the directory that names it.
 //!
-//! [`SledFiles::sync`], called after every flush, closes both gaps: `fdatasync` of the log
-//! file, then of every blob file not yet known to be whole and synced, then of the `blobs`
-//! directory when it gained files. Any blob that a flushed log entry points to was written
-//! in full before that entry was, so it is whole when this runs; one still being written
-//! (for a later commit) is synced again at each later call until its checksum shows it
-//! whole.
+//! [`SledFiles::sync`], called after every flush, closes both gaps, blobs first (a log entry
+//! that reaches the disk before the blob it points to would recover as a torn batch): each
+//! blob file not yet known to be whole and synced is read, then `fdatasync`ed, and forgotten
+//! only if the read showed it whole (sled creates a blob file new and writes it once, so a
+//! whole file read before the sync is whole on disk after it); then the `blobs` directory is
+//! `fsync`ed if it gained files; then the log file is `fdatasync`ed. Any blob that a flushed
+//! log entry points to was written in full before that entry, so it is whole when this runs;
+//! one still being written (for a later commit) stays pending and is synced again at every
+//! later call until a read shows it whole. The guarantee holds as far as the device honours
+//! cache flushes.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -25,109 +29,187 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-/// How recent a change of the `blobs` directory must be for it to be listed again even
-/// though its modification time did not change: file systems stamp times from a coarse
-/// clock, so two files created within one tick leave one time.
-const COARSE_CLOCK: Duration = Duration::from_secs(1);
+/// How long after a change of the `blobs` directory a listing is trusted to have seen every
+/// file created at that modification time: file systems stamp times from a coarse clock
+/// (a few milliseconds on ext4, 2 s on FAT), so files created within one tick leave one
+/// time, and only a listing taken later than a tick after it cannot have missed one.
+const COARSE_CLOCK: Duration = Duration::from_secs(2);
 
 /// sled's data files in a database directory, synced after each flush.
 pub(crate) struct SledFiles {
     log: File,
     blobs: PathBuf,
     state: Mutex<BlobState>,
+    /// What the file operations did, in order, for the tests.
+    #[cfg(test)]
+    ops: Mutex<Vec<String>>,
 }
 
 #[derive(Default)]
 struct BlobState {
-    /// The directory's modification time when it was last listed.
+    /// The directory's modification time at the last listing.
     listed_at: Option<SystemTime>,
+    /// Whether that listing was taken long enough after that time to have seen every file.
+    settled: bool,
     /// Every blob file the last listing found.
     known: HashSet<OsString>,
-    /// Blob files synced, or still to be synced, before their checksum showed them whole.
+    /// Blob files not yet seen whole and synced.
     pending: HashSet<OsString>,
+    /// Whether the directory gained files since its last successful `fsync`.
+    directory_unsynced: bool,
 }
 
 impl SledFiles {
-    /// The files of the sled database in `dir` (opened by sled already).
+    /// The files of the sled database in `dir`, which sled has opened (and recovered)
+    /// already. Syncs the blob files already there, `blobs/`, `dir` and its parent, so
+    /// that what a crashed process left is durable before anything new is acknowledged.
     pub(crate) fn open(dir: &Path) -> std::io::Result<Self> {
         let blobs = dir.join("blobs");
         std::fs::create_dir_all(&blobs)?;
-        Ok(Self {
+        let files = Self {
             log: File::open(dir.join("db"))?,
             blobs,
             state: Mutex::new(BlobState::default()),
-        })
+            #[cfg(test)]
+            ops: Mutex::default(),
+        };
+        let modified = std::fs::metadata(&files.blobs)?.modified()?;
+        let names = files.list()?;
+        for name in &names {
+            // Nothing writes yet: no checksum to wait for.
+            files.sync_blob(name)?;
+        }
+        sync_directory(&files.blobs)?;
+        sync_directory(dir)?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_directory(parent)?;
+        }
+        let mut state = files.lock();
+        state.known = names;
+        state.listed_at = Some(modified);
+        state.settled = settled(modified, SystemTime::now());
+        drop(state);
+        Ok(files)
     }
 
     /// Makes durable everything sled's flush wrote (see the module's documentation). An
-    /// error means the data may not be durable: the caller must not acknowledge it.
+    /// error means the data may not be durable: the caller must not acknowledge it (the
+    /// ledger stops appending until restarted). A file or directory is marked synced only
+    /// after its sync succeeded, so a later call redoes what a failed one left.
     pub(crate) fn sync(&self) -> std::io::Result<()> {
-        self.log.sync_data()?;
-        // A poisoned lock only means an earlier sync failed part-way: the state is still a
-        // sound over-approximation of what needs syncing.
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.sync_at(SystemTime::now())
+    }
+
+    fn sync_at(&self, now: SystemTime) -> std::io::Result<()> {
+        let mut state = self.lock();
         let modified = std::fs::metadata(&self.blobs)?.modified()?;
-        let recent = SystemTime::now()
-            .duration_since(modified)
-            .map_or(true, |age| age < COARSE_CLOCK);
-        if state.listed_at != Some(modified) || recent {
-            let mut names = HashSet::new();
-            for item in std::fs::read_dir(&self.blobs)? {
-                names.insert(item?.file_name());
-            }
-            let state = &mut *state;
-            let gained: Vec<OsString> = names.difference(&state.known).cloned().collect();
-            state.pending.extend(gained.iter().cloned());
+        if state.listed_at != Some(modified) || !state.settled {
+            let names = self.list()?;
+            let new: Vec<OsString> = names.difference(&state.known).cloned().collect();
+            state.directory_unsynced |= !new.is_empty();
+            state.pending.extend(new);
             state.pending.retain(|name| names.contains(name));
             state.known = names;
             state.listed_at = Some(modified);
-            if !gained.is_empty() {
-                File::open(&self.blobs)?.sync_all()?;
-            }
+            state.settled = settled(modified, now);
         }
-        let mut whole = Vec::new();
+        let mut done = Vec::new();
         for name in &state.pending {
-            let path = self.blobs.join(name);
-            let mut file = match File::open(&path) {
-                Ok(file) => file,
-                // sled removed it (superseded): nothing to keep.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    whole.push(name.clone());
-                    continue;
+            match self.read_whole(name) {
+                Ok(whole) => {
+                    self.sync_blob(name)?;
+                    if whole {
+                        done.push(name.clone());
+                    }
                 }
+                // sled removed it (superseded): nothing to keep.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => done.push(name.clone()),
                 Err(e) => return Err(e),
-            };
-            file.sync_data()?;
-            if blob_is_whole(&mut file)? {
-                whole.push(name.clone());
             }
         }
-        for name in whole {
+        for name in done {
             state.pending.remove(&name);
         }
+        if state.directory_unsynced {
+            sync_directory(&self.blobs)?;
+            state.directory_unsynced = false;
+            self.record(|| "sync blobs/".into());
+        }
+        drop(state);
+        self.log.sync_data()?;
+        self.record(|| "sync log".into());
         Ok(())
     }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BlobState> {
+        // A poisoned lock only means an earlier call failed part-way; nothing under the lock
+        // is left half-updated in a way that hides work (see `sync_at`).
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn list(&self) -> std::io::Result<HashSet<OsString>> {
+        let mut names = HashSet::new();
+        for item in std::fs::read_dir(&self.blobs)? {
+            names.insert(item?.file_name());
+        }
+        Ok(names)
+    }
+
+    fn sync_blob(&self, name: &OsString) -> std::io::Result<()> {
+        match File::open(self.blobs.join(name)) {
+            Ok(file) => file.sync_data()?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        self.record(|| format!("sync {}", name.to_string_lossy()));
+        Ok(())
+    }
+
+    /// Whether the blob file `name` is whole: sled 0.34 writes a little-endian CRC-32 of the
+    /// rest, a kind byte, then the item.
+    fn read_whole(&self, name: &OsString) -> std::io::Result<bool> {
+        let mut bytes = Vec::new();
+        File::open(self.blobs.join(name))?.read_to_end(&mut bytes)?;
+        let whole = match bytes.split_first_chunk::<4>() {
+            Some((crc, rest)) if !rest.is_empty() => {
+                u32::from_le_bytes(*crc) == crc32fast::hash(rest)
+            }
+            _ => false,
+        };
+        self.record(|| {
+            let seen = if whole { "whole" } else { "partial" };
+            format!("{seen} {}", name.to_string_lossy())
+        });
+        Ok(whole)
+    }
+
+    #[cfg(test)]
+    fn record(&self, op: impl FnOnce() -> String) {
+        self.ops.lock().unwrap().push(op());
+    }
+
+    #[cfg(not(test))]
+    fn record(&self, _: impl FnOnce() -> String) {}
 
     /// How many blob files are still pending and how many the last listing found.
     #[cfg(test)]
     pub(crate) fn pending_and_known(&self) -> (usize, usize) {
-        let state = self.state.lock().unwrap();
+        let state = self.lock();
         (state.pending.len(), state.known.len())
     }
 }
 
-/// Whether a sled 0.34 blob file is complete: a little-endian CRC-32 of the rest, a kind
-/// byte, then the item.
-fn blob_is_whole(file: &mut File) -> std::io::Result<bool> {
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)?;
-    Ok(match bytes.split_first_chunk::<4>() {
-        Some((crc, rest)) if !rest.is_empty() => u32::from_le_bytes(*crc) == crc32fast::hash(rest),
-        _ => false,
-    })
+/// Whether a listing taken at `now` has seen every file stamped `modified`. A time in the
+/// future (the clock went back) is not settled.
+fn settled(modified: SystemTime, now: SystemTime) -> bool {
+    now.duration_since(modified)
+        .is_ok_and(|age| age >= COARSE_CLOCK)
+}
+
+fn sync_directory(path: &Path) -> std::io::Result<()> {
+    File::open(path)?.sync_all()
 }
 
 #[cfg(test)]
@@ -140,54 +222,108 @@ mod tests {
         file
     }
 
-    #[test]
-    fn a_blob_is_dropped_from_the_pending_set_once_whole_and_synced() {
+    fn store_dir() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("db"), b"log").unwrap();
+        dir
+    }
+
+    fn take_ops(files: &SledFiles) -> Vec<String> {
+        std::mem::take(&mut *files.ops.lock().unwrap())
+    }
+
+    fn set_modified(path: &Path, time: SystemTime) {
+        File::open(path).unwrap().set_modified(time).unwrap();
+    }
+
+    #[test]
+    fn blobs_are_checked_then_synced_then_the_directory_then_the_log() {
+        let dir = store_dir();
         let files = SledFiles::open(dir.path()).unwrap();
-        let pending = |files: &SledFiles| files.pending_and_known().0;
-        // Cut short (as while sled is still writing it): synced, and kept to sync again.
+        take_ops(&files);
+        std::fs::write(files.blobs.join("100"), blob(b"\x01an item")).unwrap();
+        files.sync().unwrap();
+        assert_eq!(
+            take_ops(&files),
+            ["whole 100", "sync 100", "sync blobs/", "sync log"]
+        );
+        assert_eq!(files.pending_and_known(), (0, 1));
+        // Nothing new: only the log (the directory may still be relisted while unsettled).
+        files.sync().unwrap();
+        assert_eq!(take_ops(&files), ["sync log"]);
+    }
+
+    #[test]
+    fn a_blob_still_being_written_is_synced_again_until_seen_whole() {
+        let dir = store_dir();
+        let files = SledFiles::open(dir.path()).unwrap();
         let whole = blob(b"\x01an item");
         std::fs::write(files.blobs.join("100"), &whole[..6]).unwrap();
         files.sync().unwrap();
-        assert_eq!(pending(&files), 1);
+        assert_eq!(files.pending_and_known(), (1, 1));
+        // sled finishes writing it between two calls.
         std::fs::write(files.blobs.join("100"), &whole).unwrap();
-        // A second file created within the same clock tick is found too.
-        std::fs::write(files.blobs.join("200"), blob(b"\x01another")).unwrap();
+        take_ops(&files);
         files.sync().unwrap();
-        assert_eq!(pending(&files), 0);
-        assert_eq!(files.pending_and_known().1, 2);
-        // A file removed while pending is forgotten.
+        assert_eq!(take_ops(&files), ["whole 100", "sync 100", "sync log"]);
+        assert_eq!(files.pending_and_known(), (0, 1));
+        // A pending file that sled removes is forgotten.
         std::fs::write(files.blobs.join("300"), b"xx").unwrap();
         files.sync().unwrap();
-        assert_eq!(pending(&files), 1);
+        assert_eq!(files.pending_and_known(), (1, 2));
         std::fs::remove_file(files.blobs.join("300")).unwrap();
         files.sync().unwrap();
-        assert_eq!(pending(&files), 0);
+        assert_eq!(files.pending_and_known(), (0, 1));
+    }
+
+    #[test]
+    fn a_blob_created_within_the_listings_clock_tick_is_found_later() {
+        let dir = store_dir();
+        let files = SledFiles::open(dir.path()).unwrap();
+        std::fs::write(files.blobs.join("100"), blob(b"\x01one")).unwrap();
+        let tick = std::fs::metadata(&files.blobs).unwrap().modified().unwrap();
+        // Listed within the tick: not settled.
+        files.sync_at(tick + Duration::from_millis(1)).unwrap();
+        assert_eq!(files.pending_and_known(), (0, 1));
+        // A second file stamped with the same time, found by a call much later.
+        std::fs::write(files.blobs.join("200"), blob(b"\x01two")).unwrap();
+        set_modified(&files.blobs, tick);
+        files.sync_at(tick + Duration::from_secs(60)).unwrap();
+        assert_eq!(files.pending_and_known(), (0, 2));
+        // Now settled: an unchanged directory is not listed again.
+        take_ops(&files);
+        files.sync_at(tick + Duration::from_secs(61)).unwrap();
+        assert_eq!(take_ops(&files), ["sync log"]);
+    }
+
+    #[test]
+    fn opening_syncs_the_blobs_already_there() {
+        let dir = store_dir();
+        std::fs::create_dir(dir.path().join("blobs")).unwrap();
+        for name in ["1", "2"] {
+            std::fs::write(dir.path().join("blobs").join(name), blob(b"\x01x")).unwrap();
+        }
+        let files = SledFiles::open(dir.path()).unwrap();
+        let mut ops = take_ops(&files);
+        ops.sort();
+        assert_eq!(ops, ["sync 1", "sync 2"]);
+        assert_eq!(files.pending_and_known(), (0, 2));
     }
 
     #[test]
     fn checks_the_blob_checksum() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("b");
+        let dir = store_dir();
+        let files = SledFiles::open(dir.path()).unwrap();
+        let mut flipped = blob(b"\x01item");
+        flipped[5] ^= 1;
         for (bytes, whole) in [
             (blob(b"\x01item"), true),
             (b"\0\0\0\0".to_vec(), false),
             (vec![], false),
-            (
-                {
-                    let mut b = blob(b"\x01item");
-                    b[5] ^= 1;
-                    b
-                },
-                false,
-            ),
+            (flipped, false),
         ] {
-            std::fs::write(&path, &bytes).unwrap();
-            assert_eq!(
-                blob_is_whole(&mut File::open(&path).unwrap()).unwrap(),
-                whole
-            );
+            std::fs::write(files.blobs.join("b"), &bytes).unwrap();
+            assert_eq!(files.read_whole(&OsString::from("b")).unwrap(), whole);
         }
     }
 }

@@ -1,16 +1,16 @@
 //! The ledger's storage on sled: entries, packed Merkle hash pages, the event-id index, the
 //! key registry and the newest checkpoint, all in one sled tree (layout in [`keys`]).
 //!
-//! Contract: [`Store::commit`] writes a whole batch atomically and returns only after sled
-//! has flushed it to disk; once it returns, the batch survives a crash. It is
+//! Contract: [`Store::commit`] writes a whole batch atomically and returns only after it is
+//! on disk; once it returns, the batch survives a crash of the process or a power loss. It is
 //! [`Store::apply`] (atomic, visible to readers at once, not yet durable) followed by
 //! [`Store::flush`] (everything applied so far becomes durable: sled's flush, then
-//! `fdatasync` of sled's files, which sled's flush alone does not do; see `durable`); the server applies a batch
-//! while the one before it is being flushed, and acknowledges a batch only after a flush that
-//! follows its apply. If the process dies
-//! before it returns, recovery shows the store as it was before the batch (sled applies a
-//! batch atomically), never half of it. [`Store::open`] checks the tail of the log against
-//! the newest checkpoint before the ledger serves anything.
+//! `fdatasync` of sled's files, which sled's flush alone does not do; see `durable`). The
+//! server applies a batch while the one before it is being flushed, and acknowledges a batch
+//! only after a flush that follows its apply. If the process dies before it returns, recovery
+//! shows the store as it was before the batch (sled applies a batch atomically), never half
+//! of it. [`Store::open`] checks the tail of the log against the newest checkpoint before the
+//! ledger serves anything.
 //!
 //! The store is used by one writer (the group-commit task) and many readers.
 
@@ -545,8 +545,9 @@ impl Store {
     }
 
     /// Makes everything applied so far durable: once this returns `Ok`, it survives a crash
-    /// of the process or of the machine (sled's flush writes it out; `fdatasync` of sled's
-    /// log and blob files then commits their metadata and the device's write cache).
+    /// of the process or a power loss, as far as the device honours cache flushes (sled's
+    /// flush writes it out; `fdatasync` of sled's blob and log files then commits their
+    /// metadata and the device's write cache).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         self.files.sync().map_err(StoreError::Sync)
