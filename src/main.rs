@@ -645,7 +645,8 @@ fn store_stats(data_dir: &std::path::Path) -> anyhow::Result<()> {
     let db = data_dir.join("db");
     let store = Store::open(&db).with_context(|| format!("couldn't open {}", db.display()))?;
     let usage = store.usage()?;
-    let on_disk = directory_bytes(&db)?;
+    let on_disk = custody::store::directory_bytes(&db)
+        .with_context(|| format!("couldn't read {}", db.display()))?;
     let name = |prefix: u8| match prefix {
         keys::ENTRY => "entries",
         keys::HASH_PAGE => "hash pages",
@@ -687,22 +688,6 @@ fn store_stats(data_dir: &std::path::Path) -> anyhow::Result<()> {
         on_disk as f64 / entry_bytes.max(1) as f64
     );
     Ok(())
-}
-
-fn directory_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
-    let mut total = 0;
-    for item in
-        std::fs::read_dir(dir).with_context(|| format!("couldn't read {}", dir.display()))?
-    {
-        let item = item?;
-        let meta = item.metadata()?;
-        total += if meta.is_dir() {
-            directory_bytes(&item.path())?
-        } else {
-            meta.len()
-        };
-    }
-    Ok(total)
 }
 
 async fn export(

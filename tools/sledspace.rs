@@ -20,7 +20,7 @@
 
 use anyhow::{bail, Context};
 use rand::{Rng, SeedableRng};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 const ENTRY_VALUE: usize = 305;
 const ENTRY_BYTES: u64 = 9 + ENTRY_VALUE as u64;
@@ -73,20 +73,6 @@ fn written_bytes() -> anyhow::Result<u64> {
         .find_map(|line| line.strip_prefix("write_bytes:"))
         .and_then(|n| n.trim().parse().ok())
         .context("no write_bytes in /proc/self/io")
-}
-
-fn directory_bytes(path: &Path) -> anyhow::Result<u64> {
-    let mut total = 0;
-    for item in std::fs::read_dir(path)? {
-        let item = item?;
-        let meta = item.metadata()?;
-        total += if meta.is_dir() {
-            directory_bytes(&item.path())?
-        } else {
-            meta.len()
-        };
-    }
-    Ok(total)
 }
 
 fn key(prefix: u8, rest: &[u8]) -> Vec<u8> {
@@ -167,7 +153,7 @@ fn main() -> anyhow::Result<()> {
     let written = written_bytes()? - written_before;
     drop(tree);
     drop(db);
-    let on_disk = directory_bytes(&args.dir)?;
+    let on_disk = custody::store::directory_bytes(&args.dir)?;
     let entries = (ENTRY_BYTES * args.events) as f64;
     println!(
         "parts {} batch {}: {} events, {:.0} events/s, {:.2} KiB written per event, \

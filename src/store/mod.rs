@@ -554,6 +554,22 @@ impl Store {
     }
 }
 
+/// Bytes of the files under `dir`, recursively: a store directory's size on disk (for
+/// `custody store-stats` and `custody-sledspace`).
+pub fn directory_bytes(dir: &Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    for item in std::fs::read_dir(dir)? {
+        let item = item?;
+        let meta = item.metadata()?;
+        total += if meta.is_dir() {
+            directory_bytes(&item.path())?
+        } else {
+            meta.len()
+        };
+    }
+    Ok(total)
+}
+
 fn decode_block(key: &[u8], value: &[u8]) -> Result<Vec<u64>, StoreError> {
     keys::index_seq(key)
         .and_then(|first| keys::decode_postings(first, value))
