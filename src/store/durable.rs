@@ -73,6 +73,7 @@ impl SledFiles {
             #[cfg(test)]
             ops: Mutex::default(),
         };
+        let now = SystemTime::now();
         let modified = std::fs::metadata(&files.blobs)?.modified()?;
         let names = files.list()?;
         for name in &names {
@@ -87,7 +88,7 @@ impl SledFiles {
         let mut state = files.lock();
         state.known = names;
         state.listed_at = Some(modified);
-        state.settled = settled(modified, SystemTime::now());
+        state.settled = settled(modified, now);
         drop(state);
         Ok(files)
     }
@@ -100,6 +101,8 @@ impl SledFiles {
         self.sync_at(SystemTime::now())
     }
 
+    /// [`sync`](Self::sync) with the clock read at `now`, which must be taken before the
+    /// directory is listed.
     fn sync_at(&self, now: SystemTime) -> std::io::Result<()> {
         let mut state = self.lock();
         let modified = std::fs::metadata(&self.blobs)?.modified()?;
