@@ -9,8 +9,9 @@
 //!
 //!   SIGKILL kills the process, not the machine: the page cache survives it, so this shows
 //!   that no receipt is sent before its batch has left the process (sled's buffers written
-//!   out); that the `fsync` precedes the receipt is shown by the code's order
-//!   (`Ledger::finish`), not by this test.
+//!   out). That the files are synced before the receipt is sent (`Store::flush`: sled's
+//!   flush, then `fdatasync`, whose order `store::durable`'s unit tests check) is shown by
+//!   the code's order (`Ledger::finish`), not by this test: a power loss cannot be staged.
 //! - SIGTERM while clients stream: open streams end by themselves (the drain deadline is set
 //!   far away), the server exits 0 within seconds, and every receipt sent is durable.
 //! - Health: NOT_SERVING while the ledger is still opening, SERVING once it is open.
