@@ -61,8 +61,9 @@ struct BlobState {
 
 impl SledFiles {
     /// The files of the sled database in `dir`, which sled has opened (and recovered)
-    /// already. Syncs the blob files already there, `blobs/`, `dir` and its parent, so
-    /// that what a crashed process left is durable before anything new is acknowledged.
+    /// already. Syncs the blob files already there, sled's `conf`, `blobs/`, `dir` and its
+    /// parent, so that what a crashed process (or sled's creation of the database) left is
+    /// durable before anything new is acknowledged.
     pub(crate) fn open(dir: &Path) -> std::io::Result<Self> {
         let blobs = dir.join("blobs");
         std::fs::create_dir_all(&blobs)?;
@@ -79,6 +80,16 @@ impl SledFiles {
         for name in &names {
             // Nothing writes yet: no checksum to wait for.
             files.sync_blob(name)?;
+        }
+        // sled writes its `conf` (the format parameters it checks on every open) without a
+        // sync: a power loss soon after a ledger is created could leave it empty.
+        match File::open(dir.join("conf")) {
+            Ok(conf) => {
+                conf.sync_all()?;
+                files.record(|| "sync conf".into());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
         sync_directory(&files.blobs)?;
         sync_directory(dir)?;
@@ -306,10 +317,11 @@ mod tests {
         for name in ["1", "2"] {
             std::fs::write(dir.path().join("blobs").join(name), blob(b"\x01x")).unwrap();
         }
+        std::fs::write(dir.path().join("conf"), b"segment_size: 524288").unwrap();
         let files = SledFiles::open(dir.path()).unwrap();
         let mut ops = take_ops(&files);
         ops.sort();
-        assert_eq!(ops, ["sync 1", "sync 2"]);
+        assert_eq!(ops, ["sync 1", "sync 2", "sync conf"]);
         assert_eq!(files.pending_and_known(), (0, 2));
     }
 
