@@ -408,31 +408,55 @@ enum Failure {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc's `mi_option_purge_delay` (mimalloc.h): how long freed memory stays committed
-/// before it is returned to the OS. 15 in mimalloc 3.3 (and 2.x) as libmimalloc-sys 0.1.49
-/// builds it; Cargo.toml pins that version, since the sys crate names no constant for it.
+/// mimalloc's `mi_option_purge_delay` and `mi_option_allow_thp` (mimalloc.h): how long freed
+/// memory stays committed before it is returned to the OS, and whether mimalloc asks for
+/// transparent huge pages. 15 and 43 in mimalloc 3.3 as libmimalloc-sys 0.1.49 builds it;
+/// Cargo.toml pins that version, since the sys crate names no constant for them.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 
-/// Makes the long-running server return freed memory to the OS at once rather than after
-/// mimalloc's default delay of one second: over a million events at full speed its peak RSS
-/// was 516 MiB with the delay and 463–469 MiB without, at the same throughput (BENCHMARKS.md).
-/// Offline commands keep the delay: purging at once cost `custody verify` about 7% of its
-/// samples in page faults. An operator's `MIMALLOC_PURGE_DELAY` takes precedence. Must run
-/// before any other thread starts.
-fn purge_freed_memory_at_once() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
-        return;
+/// Tunes the allocator for the long-running server (measured in BENCHMARKS.md):
+///
+/// - Freed memory goes back to the OS at once rather than after mimalloc's default delay of
+///   one second: over a million events at full speed the peak RSS was 516 MiB with the delay
+///   and 463–469 MiB without, at the same throughput. Offline commands keep the delay:
+///   purging at once cost `custody verify` about 7% of its samples in page faults.
+/// - No transparent huge pages: mimalloc asks for them on its arenas, and a fresh server's
+///   first touch of each zeroes 2 MiB at once. In the first seconds of load after a restart
+///   that showed as receipt p99 of 45–145 ms (13% of samples in `clear_page_erms` under
+///   huge-page faults); without them 22–26 ms, and peak RSS 466–518 MiB against 558–612 MiB.
+///   The process opts out with `PR_SET_THP_DISABLE`, which covers memory mimalloc reserved
+///   before `main`.
+///
+/// An operator's `MIMALLOC_PURGE_DELAY` or `MIMALLOC_ALLOW_THP` takes precedence (mimalloc
+/// reads them when the process starts). Must run before any other thread starts.
+fn tune_allocator_for_serving() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets one of mimalloc's options, a plain integer it reads when it purges;
+        // any value is valid for it. No other thread exists yet (the caller runs before the
+        // async runtime starts), so nothing reads the option while it is written.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
     }
-    // SAFETY: sets one of mimalloc's options, a plain integer it reads when it purges; any
-    // value is valid for it. No other thread exists yet (the caller runs before the async
-    // runtime starts), so nothing reads the option while it is written.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        // SAFETY: as above; a plain boolean option mimalloc reads when it reserves memory.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 0) };
+        #[cfg(target_os = "linux")]
+        // SAFETY: PR_SET_THP_DISABLE takes one integer argument and touches no memory of
+        // ours; the remaining arguments must be zero.
+        if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+            // Only a latency tail at stake: say so and go on.
+            eprintln!(
+                "custody: couldn't turn off transparent huge pages: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(cli.command, Command::Serve(_)) {
-        purge_freed_memory_at_once();
+        tune_allocator_for_serving();
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

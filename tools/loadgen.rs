@@ -343,15 +343,23 @@ async fn main() -> anyhow::Result<()> {
             }
         }));
     }
-    let (mut latencies, mut acked, mut refused) = (Vec::new(), 0u64, 0u64);
+    let (mut samples, mut acked, mut refused) = (Vec::new(), 0u64, 0u64);
     for task in tasks {
         let outcome = task.await??;
-        latencies.extend(outcome.latencies);
+        samples.extend(outcome.latencies);
         acked += outcome.acked;
         refused += outcome.refused;
     }
     let elapsed = started.elapsed();
+    let mut latencies: Vec<Duration> = samples.iter().map(|(_, latency)| *latency).collect();
     latencies.sort_unstable();
+    // The tail second by second of when events were due: shows whether slow receipts
+    // cluster (e.g. at the start of a run) or spread.
+    let mut by_second: std::collections::BTreeMap<u64, Vec<Duration>> = Default::default();
+    for (due, latency) in &samples {
+        let second = due.saturating_duration_since(started).as_secs();
+        by_second.entry(second).or_default().push(*latency);
+    }
     let after = audit
         .get_checkpoint(GetCheckpointRequest {})
         .await?
@@ -371,6 +379,17 @@ async fn main() -> anyhow::Result<()> {
         percentile(&latencies, 99.0).as_secs_f64() * 1e3,
         percentile(&latencies, 99.9).as_secs_f64() * 1e3
     );
+    let seconds: Vec<String> = by_second
+        .into_iter()
+        .map(|(second, mut latencies)| {
+            latencies.sort_unstable();
+            format!(
+                "{second}s {:.1}",
+                percentile(&latencies, 99.0).as_secs_f64() * 1e3
+            )
+        })
+        .collect();
+    println!("p99 by second (ms): {}", seconds.join(", "));
     println!(
         "tree size:          {before} -> {after} (+{})",
         after - before
@@ -431,7 +450,8 @@ async fn main() -> anyhow::Result<()> {
 
 /// What one sender saw.
 struct Sent {
-    latencies: Vec<Duration>,
+    /// When each event was due, and how long its receipt took from then.
+    latencies: Vec<(Instant, Duration)>,
     acked: u64,
     refused: u64,
 }
@@ -446,7 +466,7 @@ impl Sent {
     }
 
     fn record(&mut self, due: Instant, receipt: &Receipt) {
-        self.latencies.push(due.elapsed());
+        self.latencies.push((due, due.elapsed()));
         if receipt.error.is_some() {
             self.refused += 1;
         } else if !receipt.duplicate {
