@@ -19,6 +19,7 @@
 //! directory target. Seeded: two runs write the same keys.
 
 use anyhow::{bail, Context};
+use custody::store::keys;
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
 
@@ -75,13 +76,6 @@ fn written_bytes() -> anyhow::Result<u64> {
         .context("no write_bytes in /proc/self/io")
 }
 
-fn key(prefix: u8, rest: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(1 + rest.len());
-    key.push(prefix);
-    key.extend_from_slice(rest);
-    key
-}
-
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     if args.dir.exists() {
@@ -110,21 +104,21 @@ fn main() -> anyhow::Result<()> {
         for seq in seq..seq + len {
             if with_entries {
                 let value: Vec<u8> = (0..ENTRY_VALUE).map(|_| rng.gen()).collect();
-                batch.insert(key(b'e', &seq.to_be_bytes()), value);
+                batch.insert(&keys::entry(seq), value);
                 logical += ENTRY_BYTES;
             }
             if with_random {
                 for (prefix, value_len, share) in [
-                    (b'i', 8, 1.0),
-                    (b't', 150, 0.25),
-                    (b'c', 90, 0.1),
-                    (b'x', 6, 0.4),
-                    (b'x', 6, 0.4),
+                    (keys::EVENT_ID, 8, 1.0),
+                    (keys::TOKEN, 150, 0.25),
+                    (keys::CONSENT, 90, 0.1),
+                    (keys::INDEX, 6, 0.4),
+                    (keys::INDEX, 6, 0.4),
                 ] {
                     if rng.gen::<f64>() < share {
                         let name: Vec<u8> = (0..16).map(|_| rng.gen_range(b'a'..=b'z')).collect();
                         logical += 17 + value_len as u64;
-                        batch.insert(key(prefix, &name), vec![7u8; value_len]);
+                        batch.insert(keys::named(prefix, &name), vec![7u8; value_len]);
                     }
                 }
             }
@@ -135,7 +129,7 @@ fn main() -> anyhow::Result<()> {
                 let page = stored_hashes / 256;
                 let take = hashes.min(256 - stored_hashes % 256);
                 tail_page.resize(tail_page.len() + 32 * take as usize, 9);
-                batch.insert(key(b'h', &page.to_be_bytes()), tail_page.clone());
+                batch.insert(&keys::hash_page(page), tail_page.clone());
                 logical += 32 * take;
                 if tail_page.len() == PAGE_BYTES {
                     tail_page.clear();
@@ -144,7 +138,10 @@ fn main() -> anyhow::Result<()> {
                 hashes -= take;
             }
         }
-        batch.insert(key(b'm', b"checkpoint"), vec![1u8; 200]);
+        batch.insert(
+            keys::named(keys::META, keys::META_CHECKPOINT),
+            vec![1u8; 200],
+        );
         tree.apply_batch(batch)?;
         db.flush()?;
         seq += len;
