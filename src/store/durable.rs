@@ -28,7 +28,7 @@
 //! rather than serve a torn commit. Acknowledged commits are not affected.
 
 use std::collections::HashSet;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -85,23 +85,15 @@ impl SledFiles {
             #[cfg(test)]
             fail_directory_sync: Default::default(),
         };
-        let now = SystemTime::now();
-        let modified = std::fs::metadata(&files.blobs)?.modified()?;
-        let names = files.list()?;
-        for name in &names {
+        let mut state = files.lock();
+        for name in files.relist(&mut state, SystemTime::now())? {
             // Nothing writes yet: no checksum to wait for.
-            files.sync_blob(name)?;
+            files.sync_if_present(&files.blobs.join(&name), &name)?;
         }
+        drop(state);
         // sled writes its `conf` (the format parameters it checks on every open) without a
         // sync: a power loss soon after a ledger is created could leave it empty.
-        match File::open(dir.join("conf")) {
-            Ok(conf) => {
-                conf.sync_all()?;
-                files.record(|| "sync conf".into());
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
+        files.sync_if_present(&dir.join("conf"), OsStr::new("conf"))?;
         files.sync_directory(&files.blobs)?;
         files.sync_directory(dir)?;
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -111,11 +103,6 @@ impl SledFiles {
         // ledger serves them from its head on, so make them durable first.
         files.log.sync_data()?;
         files.record(|| "sync log".into());
-        let mut state = files.lock();
-        state.known = names;
-        state.listed_at = Some(modified);
-        state.settled = settled(modified, now);
-        drop(state);
         Ok(files)
     }
 
@@ -131,22 +118,14 @@ impl SledFiles {
     /// directory is listed.
     fn sync_at(&self, now: SystemTime) -> std::io::Result<()> {
         let mut state = self.lock();
-        let modified = std::fs::metadata(&self.blobs)?.modified()?;
-        if state.listed_at != Some(modified) || !state.settled {
-            let names = self.list()?;
-            let new: Vec<OsString> = names.difference(&state.known).cloned().collect();
-            state.directory_unsynced |= !new.is_empty();
-            state.pending.extend(new);
-            state.pending.retain(|name| names.contains(name));
-            state.known = names;
-            state.listed_at = Some(modified);
-            state.settled = settled(modified, now);
-        }
+        let new = self.relist(&mut state, now)?;
+        state.directory_unsynced |= !new.is_empty();
+        state.pending.extend(new);
         let mut done = Vec::new();
         for name in &state.pending {
             match self.read_whole(name) {
                 Ok(whole) => {
-                    self.sync_blob(name)?;
+                    self.sync_if_present(&self.blobs.join(name), name)?;
                     if whole {
                         done.push(name.clone());
                     }
@@ -177,17 +156,31 @@ impl SledFiles {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn list(&self) -> std::io::Result<HashSet<OsString>> {
+    /// Lists the `blobs` directory unless the last listing is known to be current (same
+    /// modification time, taken a clock tick after it; `now` read before this call), records
+    /// the listing, forgets pending files that are gone, and returns the files the last
+    /// listing did not have (every file, on the first call).
+    fn relist(&self, state: &mut BlobState, now: SystemTime) -> std::io::Result<Vec<OsString>> {
+        let modified = std::fs::metadata(&self.blobs)?.modified()?;
+        if state.listed_at == Some(modified) && state.settled {
+            return Ok(Vec::new());
+        }
         let mut names = HashSet::new();
         for item in std::fs::read_dir(&self.blobs)? {
             names.insert(item?.file_name());
         }
         self.record(|| "list blobs/".into());
-        Ok(names)
+        let new = names.difference(&state.known).cloned().collect();
+        state.pending.retain(|name| names.contains(name));
+        state.known = names;
+        state.listed_at = Some(modified);
+        state.settled = settled(modified, now);
+        Ok(new)
     }
 
-    fn sync_blob(&self, name: &OsString) -> std::io::Result<()> {
-        match File::open(self.blobs.join(name)) {
+    /// `fdatasync`s the file at `path` (`name` in the test record), unless it is gone.
+    fn sync_if_present(&self, path: &Path, name: &OsStr) -> std::io::Result<()> {
+        match File::open(path) {
             Ok(file) => {
                 file.sync_data()?;
                 self.record(|| format!("sync {}", name.to_string_lossy()));
