@@ -346,7 +346,7 @@ async fn main() -> anyhow::Result<()> {
     let (mut samples, mut acked, mut refused) = (Vec::new(), 0u64, 0u64);
     for task in tasks {
         let outcome = task.await??;
-        samples.extend(outcome.latencies);
+        samples.extend(outcome.samples);
         acked += outcome.acked;
         refused += outcome.refused;
     }
@@ -451,7 +451,7 @@ async fn main() -> anyhow::Result<()> {
 /// What one sender saw.
 struct Sent {
     /// When each event was due, and how long its receipt took from then.
-    latencies: Vec<(Instant, Duration)>,
+    samples: Vec<(Instant, Duration)>,
     acked: u64,
     refused: u64,
 }
@@ -459,14 +459,14 @@ struct Sent {
 impl Sent {
     fn with_capacity(events: usize) -> Self {
         Self {
-            latencies: Vec::with_capacity(events),
+            samples: Vec::with_capacity(events),
             acked: 0,
             refused: 0,
         }
     }
 
     fn record(&mut self, due: Instant, receipt: &Receipt) {
-        self.latencies.push((due, due.elapsed()));
+        self.samples.push((due, due.elapsed()));
         if receipt.error.is_some() {
             self.refused += 1;
         } else if !receipt.duplicate {
