@@ -671,8 +671,11 @@ fn store_stats(data_dir: &std::path::Path) -> anyhow::Result<()> {
     let usage = store.usage()?;
     let on_disk = custody::store::directory_bytes(&db)
         .with_context(|| format!("couldn't read {}", db.display()))?;
+    let in_file = store.entries_in_file();
     let name = |prefix: u8| match prefix {
+        keys::ENTRY if in_file => "entries (file)",
         keys::ENTRY => "entries",
+        keys::OFFSETS => "entry offsets",
         keys::HASH_PAGE => "hash pages",
         keys::EVENT_ID => "event ids",
         keys::KEY => "key registry",
@@ -706,9 +709,12 @@ fn store_stats(data_dir: &std::path::Path) -> anyhow::Result<()> {
         .iter()
         .find(|row| row.prefix == keys::ENTRY)
         .map_or(0, |row| row.value_bytes);
+    let file = db.join(custody::store::entrylog::FILE_NAME);
+    let file_bytes = std::fs::metadata(&file).map_or(0, |m| m.len());
     outln!(
-        "on disk: {on_disk} bytes in {}; {:.2} x the entries' bytes",
+        "on disk: {on_disk} bytes in {} (entries file {file_bytes}, sled {}); {:.2} x the entries' bytes",
         db.display(),
+        on_disk - file_bytes.min(on_disk),
         on_disk as f64 / entry_bytes.max(1) as f64
     );
     Ok(())

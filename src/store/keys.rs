@@ -7,7 +7,8 @@
 //!
 //! | prefix | key | value |
 //! | --- | --- | --- |
-//! | `e` | seq | the entry's stored bytes (the Merkle leaf) |
+//! | `o` | page | where entries `page*256 ..` start in the entries file: up to 256 offsets (u64 LE) |
+//! | `e` | seq | only in ledgers created before the entries file: the entry's stored bytes |
 //! | `h` | page | up to 256 stored hashes (32 bytes each), indexes `page*256 ..` |
 //! | `i` | event_id | seq of the entry that carries it |
 //! | `k` | key_id | `KeyRecord` (protobuf) |
@@ -16,7 +17,10 @@
 //! | `x` | field tag, value, `0x00`, first seq | a postings block of the secondary index for `Audit.Query` (below) |
 //! | `m` | name | ledger metadata: `checkpoint` (newest signed note), `size` (its tree size), `rebuilding` (a rebuild is under way) |
 //!
-//! Only `e` is primary; everything else is derived from the entries and can be rebuilt.
+//! The entries' stored bytes (the Merkle leaves) are in the entries file (`super::entrylog`),
+//! or, in a ledger created before it, under `e`; a ledger has one or the other, never both.
+//! Only they and `o` are primary; everything else is derived from the entries and can be
+//! rebuilt.
 //! Index values never contain `0x00` (identifiers refuse control characters), so
 //! `tag value 0x00` is a prefix that matches exactly one value. Index field tags: `u` user,
 //! `a` agent, `t` token, `c` consent, `r` resource server, `k` kind (enum number in decimal),
@@ -30,6 +34,9 @@
 //! batch, and batches are disjoint and ordered.
 
 pub const ENTRY: u8 = b'e';
+pub const OFFSETS: u8 = b'o';
+/// Entry offsets per `o` page.
+pub const OFFSETS_PER_PAGE: u64 = 256;
 pub const HASH_PAGE: u8 = b'h';
 pub const EVENT_ID: u8 = b'i';
 pub const KEY: u8 = b'k';
@@ -141,6 +148,10 @@ pub fn named(prefix: u8, name: &[u8]) -> Vec<u8> {
 
 pub fn entry(seq: u64) -> [u8; 9] {
     numbered(ENTRY, seq)
+}
+
+pub fn offsets_page(page: u64) -> [u8; 9] {
+    numbered(OFFSETS, page)
 }
 
 pub fn hash_page(page: u64) -> [u8; 9] {

@@ -1,11 +1,17 @@
-//! The ledger's storage on sled: entries, packed Merkle hash pages, the event-id index, the
-//! key registry and the newest checkpoint, all in one sled tree (layout in [`keys`]).
+//! The ledger's storage: the entries' bytes in an append-only file ([`entrylog`]), and in one
+//! sled tree where each entry starts, packed Merkle hash pages, the event-id index, the key
+//! registry, trust state, the query index and the newest checkpoint (layout in [`keys`]).
+//! Ledgers created before the entries file keep their entries in sled (`e` keys) and are
+//! served as they are.
 //!
 //! Contract: [`Store::commit`] writes a whole batch atomically and returns only after it is
 //! on disk; once it returns, the batch survives a crash of the process or a power loss. It is
 //! [`Store::apply`] (atomic, visible to readers at once, not yet durable) followed by
 //! [`Store::flush`] (everything applied so far becomes durable: sled's flush, then
-//! `fdatasync` of sled's files, which sled's flush alone does not do; see `durable`). The
+//! `fdatasync` of sled's files, which sled's flush alone does not do; see `durable`). `apply`
+//! appends the entries to the entries file and syncs them before it hands sled the batch
+//! that records where they start, so sled never refers to bytes the disk lacks; entries
+//! appended by a batch sled never took are cut off on open. The
 //! server applies a batch while the one before it is being flushed, and acknowledges a batch
 //! only after a flush that follows its apply. If the process dies before it returns, recovery
 //! shows the store as it was before the batch (sled applies a batch atomically), never half
@@ -15,6 +21,7 @@
 //! The store is used by one writer (the group-commit task) and many readers.
 
 mod durable;
+pub mod entrylog;
 pub mod keys;
 
 use std::path::Path;
@@ -35,9 +42,9 @@ pub enum StoreError {
     /// An earlier storage failure stopped the ledger's appends until it is restarted.
     #[error("appends stopped after an earlier storage failure; restart the ledger")]
     Stopped,
-    /// Making a flush durable (syncing sled's files) failed: what was flushed may not
-    /// survive a power loss, so it is not acknowledged.
-    #[error("couldn't sync the store's files: {0}")]
+    /// Writing the entries file, or making a flush durable (syncing the store's files),
+    /// failed: the batch may not survive a power loss, so it is not acknowledged.
+    #[error("couldn't write or sync the store's files: {0}")]
     Sync(std::io::Error),
     /// Reading state for a rule failed.
     #[error("couldn't read state: {0}")]
@@ -91,6 +98,9 @@ pub struct Commit {
     pub checkpoint: String,
 }
 
+/// Stored entries in order, as `(seq, bytes)` (see [`Store::entries`]).
+pub type Entries = Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + Send>;
+
 /// What one key prefix holds (see [`Store::usage`]).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PrefixUsage {
@@ -110,6 +120,8 @@ pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
     files: durable::SledFiles,
+    /// The entries file; `None` for a ledger that keeps its entries in sled (`e` keys).
+    log: Option<entrylog::EntryLog>,
 }
 
 impl Store {
@@ -130,8 +142,21 @@ impl Store {
             {
                 Ok(db) => {
                     let tree = db.open_tree("ledger")?;
+                    let in_sled = tree.scan_prefix([keys::ENTRY]).next().is_some();
+                    let log = if in_sled {
+                        None
+                    } else {
+                        let last = last_offset(&tree)?;
+                        Some(entrylog::EntryLog::open(dir, last)?)
+                    };
+                    // After the entries file exists, so that its directory entry is synced.
                     let files = durable::SledFiles::open(dir).map_err(StoreError::Sync)?;
-                    return Ok(Self { db, tree, files });
+                    return Ok(Self {
+                        db,
+                        tree,
+                        files,
+                        log,
+                    });
                 }
                 Err(sled::Error::Io(e))
                     if e.kind() == std::io::ErrorKind::WouldBlock
@@ -178,14 +203,7 @@ impl Store {
     /// Checks the log's tail against `head`: entry `tree_size - 1` exists and its leaf hash is
     /// the stored one, and no entry exists at or beyond `tree_size`. O(log n) reads.
     pub fn check_tail(&self, head: &Head) -> Result<(), StoreError> {
-        if let Some((key, _)) = self
-            .tree
-            .range(keys::entry(0)..=keys::entry(u64::MAX))
-            .next_back()
-            .transpose()?
-        {
-            let last = keys::number_of(keys::ENTRY, &key)
-                .ok_or_else(|| StoreError::Corrupt("malformed entry key".into()))?;
+        if let Some(last) = self.last_entry()? {
             if last + 1 != head.tree_size {
                 return Err(StoreError::Corrupt(format!(
                     "last entry is {last} but the checkpoint says {} entries",
@@ -209,25 +227,76 @@ impl Store {
         Ok(())
     }
 
-    /// The stored bytes of entry `seq`.
-    pub fn entry(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.tree.get(keys::entry(seq))?.map(|v| v.to_vec()))
+    /// The seq of the last stored entry, if any.
+    fn last_entry(&self) -> Result<Option<u64>, StoreError> {
+        if let Some(log) = &self.log {
+            return Ok(log.count().checked_sub(1));
+        }
+        let Some((key, _)) = self
+            .tree
+            .range(keys::entry(0)..=keys::entry(u64::MAX))
+            .next_back()
+            .transpose()?
+        else {
+            return Ok(None);
+        };
+        keys::number_of(keys::ENTRY, &key)
+            .map(Some)
+            .ok_or_else(|| StoreError::Corrupt("malformed entry key".into()))
     }
 
-    /// Entries `[start, end)` in order, as `(seq, bytes)`.
-    pub fn entries(
-        &self,
-        start: u64,
-        end: u64,
-    ) -> impl Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + Send + 'static {
+    /// Whether the entries are in the entries file (every ledger created since it exists)
+    /// rather than in sled.
+    pub fn entries_in_file(&self) -> bool {
+        self.log.is_some()
+    }
+
+    /// Where committed entry `seq` starts in the entries file.
+    fn entry_offset(&self, seq: u64) -> Result<u64, StoreError> {
+        let (page, slot) = (seq / keys::OFFSETS_PER_PAGE, seq % keys::OFFSETS_PER_PAGE);
+        let at = slot as usize * 8;
         self.tree
-            .range(keys::entry(start)..keys::entry(end))
-            .map(|item| {
-                let (key, value) = item?;
-                let seq = keys::number_of(keys::ENTRY, &key)
-                    .ok_or_else(|| StoreError::Corrupt("malformed entry key".into()))?;
-                Ok((seq, value.to_vec()))
-            })
+            .get(keys::offsets_page(page))?
+            .and_then(|bytes| bytes.get(at..at + 8).and_then(|b| b.try_into().ok()))
+            .map(u64::from_le_bytes)
+            .ok_or_else(|| StoreError::Corrupt(format!("no offset for entry {seq}")))
+    }
+
+    /// The stored bytes of entry `seq`.
+    pub fn entry(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        match &self.log {
+            None => Ok(self.tree.get(keys::entry(seq))?.map(|v| v.to_vec())),
+            Some(log) if seq < log.count() => log.read(self.entry_offset(seq)?).map(Some),
+            Some(_) => Ok(None),
+        }
+    }
+
+    /// Entries `[start, end)` in order, as `(seq, bytes)`; stops at the last committed entry.
+    pub fn entries(&self, start: u64, end: u64) -> Entries {
+        let Some(log) = &self.log else {
+            return Box::new(
+                self.tree
+                    .range(keys::entry(start)..keys::entry(end))
+                    .map(|item| {
+                        let (key, value) = item?;
+                        let seq = keys::number_of(keys::ENTRY, &key)
+                            .ok_or_else(|| StoreError::Corrupt("malformed entry key".into()))?;
+                        Ok((seq, value.to_vec()))
+                    }),
+            );
+        };
+        let end = end.min(log.count());
+        if start >= end {
+            return Box::new(std::iter::empty());
+        }
+        match self.entry_offset(start) {
+            Ok(offset) => Box::new(
+                (start..)
+                    .zip(log.records(offset, end - start))
+                    .map(|(seq, bytes)| Ok((seq, bytes?))),
+            ),
+            Err(error) => Box::new(std::iter::once(Err(error))),
+        }
     }
 
     /// The seq of the entry that carries `event_id`.
@@ -368,25 +437,53 @@ impl Store {
             entry.key_bytes += key.len() as u64;
             entry.value_bytes += value.len() as u64;
         }
+        if let Some(log) = &self.log {
+            // The entries file: a "key" per entry, no key bytes, the entries' bytes as values
+            // (the file's size less the record headers).
+            let count = log.count();
+            usage.insert(
+                keys::ENTRY,
+                PrefixUsage {
+                    prefix: keys::ENTRY,
+                    keys: count,
+                    key_bytes: 0,
+                    value_bytes: log.end() - count * entrylog::HEADER,
+                },
+            );
+        }
         Ok(usage.into_values().collect())
     }
 
     /// Whether any entry is stored (even if the derived data is gone).
     pub fn has_entries(&self) -> Result<bool, StoreError> {
-        Ok(self.tree.get(keys::entry(0))?.is_some())
+        Ok(self.last_entry()?.is_some())
     }
 
     /// Number of stored entries, checking they are contiguous from 0.
     pub fn entry_count(&self) -> Result<u64, StoreError> {
-        let last = self
-            .tree
-            .range(keys::entry(0)..=keys::entry(u64::MAX))
-            .next_back()
-            .transpose()?;
-        let Some((key, _)) = last else { return Ok(0) };
-        let last = keys::number_of(keys::ENTRY, &key)
-            .ok_or_else(|| StoreError::Corrupt("malformed entry key".into()))?;
-        let count = self.tree.range(keys::entry(0)..=keys::entry(last)).count() as u64;
+        let Some(last) = self.last_entry()? else {
+            return Ok(0);
+        };
+        let count = match &self.log {
+            // Every page below the last full, in order.
+            Some(_) => {
+                let mut count = 0u64;
+                for (page, item) in self.tree.scan_prefix([keys::OFFSETS]).enumerate() {
+                    let (key, value) = item?;
+                    if keys::number_of(keys::OFFSETS, &key) != Some(page as u64)
+                        || !count.is_multiple_of(keys::OFFSETS_PER_PAGE)
+                        || value.len() % 8 != 0
+                    {
+                        return Err(StoreError::Corrupt(format!(
+                            "entry offsets: page {page} is not where it belongs"
+                        )));
+                    }
+                    count += value.len() as u64 / 8;
+                }
+                count
+            }
+            None => self.tree.range(keys::entry(0)..=keys::entry(last)).count() as u64,
+        };
         if count != last + 1 {
             return Err(StoreError::Corrupt(format!(
                 "entries are not contiguous: {count} entries up to seq {last}"
@@ -403,7 +500,8 @@ impl Store {
         let mut batch = sled::Batch::default();
         for item in self.tree.iter().keys() {
             let key = item?;
-            if key.first() != Some(&keys::ENTRY) {
+            // The entries, and where each starts in the entries file, are primary.
+            if !matches!(key.first(), Some(&keys::ENTRY | &keys::OFFSETS)) {
                 batch.remove(key);
             }
         }
@@ -434,6 +532,45 @@ impl Store {
             .unwrap_or_default())
     }
 
+    /// Adds `items`, each `size` bytes, to packed pages of `per_page` items under `page_key`,
+    /// the first at item index `index`: merged into the incomplete last page, then new pages.
+    /// Returns the index after the last. `what` names the pages in errors.
+    fn extend_pages(
+        &self,
+        batch: &mut sled::Batch,
+        page_key: fn(u64) -> [u8; 9],
+        per_page: u64,
+        mut index: u64,
+        items: &[&[u8]],
+        what: &str,
+    ) -> Result<u64, StoreError> {
+        let mut pending = items;
+        while let Some(size) = pending.first().map(|item| item.len()) {
+            let (page, slot) = (index / per_page, (index % per_page) as usize);
+            let mut bytes = self
+                .tree
+                .get(page_key(page))?
+                .map(|v| v.to_vec())
+                .unwrap_or_default();
+            if bytes.len() != slot * size {
+                return Err(StoreError::Corrupt(format!(
+                    "{what} page {page} holds {} bytes, expected {}",
+                    bytes.len(),
+                    slot * size
+                )));
+            }
+            let room = per_page as usize - slot;
+            let (now, later) = pending.split_at(room.min(pending.len()));
+            for item in now {
+                bytes.extend_from_slice(item);
+            }
+            batch.insert(&page_key(page), bytes);
+            index += now.len() as u64;
+            pending = later;
+        }
+        Ok(index)
+    }
+
     /// Writes `commit` atomically and flushes it to disk. Durable once this returns `Ok`.
     pub fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
         self.apply(commit)?;
@@ -457,34 +594,63 @@ impl Store {
         }
         let mut batch = sled::Batch::default();
         let tree_size = commit.first_seq + commit.entries.len() as u64;
-        for (offset, bytes) in commit.entries.iter().enumerate() {
-            batch.insert(
-                &keys::entry(commit.first_seq + offset as u64),
-                bytes.as_slice(),
-            );
-        }
+        // The entries: appended to the entries file and synced before sled hears of them
+        // (see `entrylog`), their offsets packed into pages; or, in a ledger that keeps them
+        // in sled, one key each.
+        let appended = match &self.log {
+            Some(log) => {
+                // A rebuild commits entries that are stored already (`drop_derived` keeps
+                // them): those are checked, not written again.
+                let stored = usize::try_from(log.count().saturating_sub(commit.first_seq))
+                    .unwrap_or(usize::MAX)
+                    .min(commit.entries.len());
+                for (seq, bytes) in (commit.first_seq..).zip(&commit.entries[..stored]) {
+                    if self.entry(seq)?.as_ref() != Some(bytes) {
+                        return Err(StoreError::Corrupt(format!(
+                            "commit rewrites stored entry {seq} with other bytes"
+                        )));
+                    }
+                }
+                let appended = log
+                    .append(&commit.entries[stored..])
+                    .map_err(StoreError::Sync)?;
+                let offsets: Vec<[u8; 8]> =
+                    appended.offsets.iter().map(|o| o.to_le_bytes()).collect();
+                let offsets: Vec<&[u8]> = offsets.iter().map(|o| o.as_slice()).collect();
+                self.extend_pages(
+                    &mut batch,
+                    keys::offsets_page,
+                    keys::OFFSETS_PER_PAGE,
+                    commit.first_seq + stored as u64,
+                    &offsets,
+                    "entry offsets",
+                )?;
+                Some((
+                    log,
+                    appended.end,
+                    commit.first_seq + commit.entries.len() as u64,
+                ))
+            }
+            None => {
+                for (offset, bytes) in commit.entries.iter().enumerate() {
+                    batch.insert(
+                        &keys::entry(commit.first_seq + offset as u64),
+                        bytes.as_slice(),
+                    );
+                }
+                None
+            }
+        };
         // Hash pages: merge the new hashes into the tail page and any new pages.
-        let mut index = merkle::stored_hash_count(commit.first_seq);
-        let mut pending = commit.hashes.as_slice();
-        while !pending.is_empty() {
-            let (page, slot) = merkle::page_of(index);
-            let mut bytes = self.hash_page(page)?;
-            if bytes.len() != slot * HASH_SIZE {
-                return Err(StoreError::Corrupt(format!(
-                    "hash page {page} holds {} bytes, expected {}",
-                    bytes.len(),
-                    slot * HASH_SIZE
-                )));
-            }
-            let room = HASHES_PER_PAGE as usize - slot;
-            let (now, later) = pending.split_at(room.min(pending.len()));
-            for hash in now {
-                bytes.extend_from_slice(&hash.0);
-            }
-            batch.insert(&keys::hash_page(page), bytes);
-            index += now.len() as u64;
-            pending = later;
-        }
+        let hashes: Vec<&[u8]> = commit.hashes.iter().map(|h| h.0.as_slice()).collect();
+        let index = self.extend_pages(
+            &mut batch,
+            keys::hash_page,
+            HASHES_PER_PAGE,
+            merkle::stored_hash_count(commit.first_seq),
+            &hashes,
+            "hash",
+        )?;
         if index != merkle::stored_hash_count(tree_size) {
             return Err(StoreError::Corrupt(format!(
                 "commit of {} entries from {} brings {} hashes; the tree needs {}",
@@ -539,8 +705,12 @@ impl Store {
             keys::named(keys::META, keys::META_CHECKPOINT),
             commit.checkpoint.as_bytes(),
         );
-        // If we crash before apply_batch returns, the batch is absent after recovery.
+        // If we crash before apply_batch returns, the batch is absent after recovery (and
+        // its entries are cut off the file on open).
         self.tree.apply_batch(batch)?;
+        if let Some((log, end, count)) = appended {
+            log.advance(end, count.max(log.count()));
+        }
         Ok(())
     }
 
@@ -552,6 +722,27 @@ impl Store {
         self.db.flush()?;
         self.files.sync().map_err(StoreError::Sync)
     }
+}
+
+/// sled's account of the last committed entry in the entries file: its seq and offset.
+fn last_offset(tree: &sled::Tree) -> Result<Option<(u64, u64)>, StoreError> {
+    let Some((key, value)) = tree.scan_prefix([keys::OFFSETS]).next_back().transpose()? else {
+        return Ok(None);
+    };
+    let page = keys::number_of(keys::OFFSETS, &key)
+        .ok_or_else(|| StoreError::Corrupt("malformed entry offsets key".into()))?;
+    let slots = value.len() / 8;
+    let last = value
+        .len()
+        .checked_sub(8)
+        .filter(|_| value.len() % 8 == 0)
+        .and_then(|at| value[at..].try_into().ok())
+        .map(u64::from_le_bytes)
+        .ok_or_else(|| StoreError::Corrupt(format!("entry offsets page {page} is malformed")))?;
+    Ok(Some((
+        page * keys::OFFSETS_PER_PAGE + slots as u64 - 1,
+        last,
+    )))
 }
 
 /// Bytes of the files under `dir`, recursively: a store directory's size on disk (for
@@ -756,6 +947,152 @@ mod tests {
         // Reopen: same head.
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.head().unwrap().unwrap().root, reference.root());
+    }
+
+    /// A commit of `entries` after the first `first_seq`, with their hashes and one index term.
+    fn commit_of(store: &Store, first_seq: u64, entries: &[Vec<u8>]) -> Commit {
+        let mut pending = PendingHashes {
+            store,
+            start: merkle::stored_hash_count(first_seq),
+            pending: vec![],
+        };
+        for (seq, bytes) in (first_seq..).zip(entries) {
+            let new = merkle::hashes_to_store(seq, merkle::leaf_hash(bytes), &pending).unwrap();
+            pending.pending.extend(new);
+        }
+        let end = first_seq + entries.len() as u64;
+        Commit {
+            first_seq,
+            entries: entries.to_vec(),
+            hashes: pending.pending,
+            index: (first_seq..end)
+                .map(|seq| (keys::index_prefix(keys::FIELD_USER, "u"), seq))
+                .collect(),
+            checkpoint: format!("note {end}\n"),
+            ..Commit::default()
+        }
+    }
+
+    fn numbered_entries(range: std::ops::Range<u64>) -> Vec<Vec<u8>> {
+        range
+            .map(|seq| format!("entry {seq}").into_bytes())
+            .collect()
+    }
+
+    fn file_len(dir: &Path) -> u64 {
+        std::fs::metadata(dir.join(entrylog::FILE_NAME))
+            .unwrap()
+            .len()
+    }
+
+    #[test]
+    fn entries_appended_for_a_batch_sled_never_took_are_cut_off_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.entries_in_file());
+        store
+            .commit(&commit_of(&store, 0, &numbered_entries(0..300)))
+            .unwrap();
+        let committed = file_len(dir.path());
+        // The process dies after the entries are appended and synced, before sled's batch.
+        let log = store.log.as_ref().unwrap();
+        log.append(&numbered_entries(300..310)).unwrap();
+        assert!(file_len(dir.path()) > committed);
+        assert_eq!(store.entries(0, u64::MAX).count(), 300, "not visible");
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(file_len(dir.path()), committed);
+        assert_eq!(store.entry_count().unwrap(), 300);
+        store.check_tail(&store.head().unwrap().unwrap()).unwrap();
+        // The ledger goes on from there.
+        store
+            .commit(&commit_of(&store, 300, &numbered_entries(300..700)))
+            .unwrap();
+        let all: Vec<_> = store.entries(0, 700).map(Result::unwrap).collect();
+        assert_eq!(
+            all,
+            (0..700).zip(numbered_entries(0..700)).collect::<Vec<_>>()
+        );
+        assert_eq!(store.entry(299).unwrap().unwrap(), b"entry 299");
+        assert_eq!(store.entry(700).unwrap(), None);
+        let usage = store.usage().unwrap();
+        let entries = usage.iter().find(|u| u.prefix == keys::ENTRY).unwrap();
+        let bytes: usize = numbered_entries(0..700).iter().map(Vec::len).sum();
+        assert_eq!((entries.keys, entries.value_bytes), (700, bytes as u64));
+        assert!(usage.iter().any(|u| u.prefix == keys::OFFSETS));
+    }
+
+    #[test]
+    fn a_rebuild_recommits_stored_entries_without_writing_them_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let entries = numbered_entries(0..600);
+        store.commit(&commit_of(&store, 0, &entries)).unwrap();
+        let root = store.head().unwrap().unwrap().root;
+        let len = file_len(dir.path());
+        store.drop_derived().unwrap();
+        assert_eq!(store.head().unwrap(), None);
+        assert_eq!(
+            store.entry_count().unwrap(),
+            600,
+            "entries and offsets kept"
+        );
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        // Other bytes for a stored entry are refused.
+        let mut altered = entries[..100].to_vec();
+        altered[42] = b"forged".to_vec();
+        assert!(matches!(
+            store.commit(&commit_of(&store, 0, &altered)),
+            Err(StoreError::Corrupt(_))
+        ));
+        for chunk in [0..256u64, 256..600] {
+            let part = &entries[chunk.start as usize..chunk.end as usize];
+            store.commit(&commit_of(&store, chunk.start, part)).unwrap();
+        }
+        assert_eq!(file_len(dir.path()), len);
+        assert_eq!(store.head().unwrap().unwrap().root, root);
+        store
+            .commit(&commit_of(&store, 600, &numbered_entries(600..601)))
+            .unwrap();
+        assert_eq!(store.entry_count().unwrap(), 601);
+    }
+
+    #[test]
+    fn a_ledger_with_its_entries_in_sled_is_served_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = numbered_entries(0..500);
+        {
+            // The layout before the entries file: entries as `e` keys.
+            let db = sled::open(dir.path()).unwrap();
+            let tree = db.open_tree("ledger").unwrap();
+            for (seq, bytes) in (0..300).zip(&entries) {
+                tree.insert(keys::entry(seq), bytes.as_slice()).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert!(!store.entries_in_file());
+        assert!(!dir.path().join(entrylog::FILE_NAME).exists());
+        assert_eq!(store.entry_count().unwrap(), 300);
+        store.drop_derived().unwrap();
+        store
+            .commit(&commit_of(&store, 0, &entries[..300]))
+            .unwrap();
+        store
+            .commit(&commit_of(&store, 300, &entries[300..]))
+            .unwrap();
+        let head = store.head().unwrap().unwrap();
+        store.check_tail(&head).unwrap();
+        let mut reference = MemoryTree::new();
+        for bytes in &entries {
+            reference.push(merkle::leaf_hash(bytes));
+        }
+        assert_eq!(head.root, reference.root());
+        assert_eq!(store.entry(499).unwrap().unwrap(), b"entry 499");
+        assert_eq!(store.entries(250, 260).count(), 10);
+        assert_eq!(store.tree.scan_prefix([keys::ENTRY]).count(), 500);
+        assert_eq!(store.tree.scan_prefix([keys::OFFSETS]).count(), 0);
     }
 
     #[test]

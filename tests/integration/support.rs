@@ -384,24 +384,65 @@ pub async fn run_cli(args: Vec<String>) -> std::process::Output {
 
 /// Rewrites entry `seq` directly in a stopped ledger's sled database, as an attacker with
 /// disk access would.
-pub fn rewrite_entry(db: &Path, seq: u64, change: impl FnOnce(&mut custody::proto::Entry)) {
+pub fn rewrite_entry(dir: &Path, seq: u64, change: impl FnOnce(&mut custody::proto::Entry)) {
     // A store just closed in this process may hold sled's lock for a moment (as
     // `Store::open` knows): retry for a few seconds.
     let started = std::time::Instant::now();
     let db = loop {
-        match sled::open(db) {
+        match sled::open(dir) {
             Ok(db) => break db,
             Err(_) if started.elapsed() < std::time::Duration::from_secs(5) => {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            Err(e) => panic!("couldn't open {}: {e}", db.display()),
+            Err(e) => panic!("couldn't open {}: {e}", dir.display()),
         }
     };
+    use custody::store::{entrylog, keys};
     let tree = db.open_tree("ledger").unwrap();
-    let key = custody::store::keys::entry(seq);
-    let mut entry =
-        custody::proto::Entry::decode(tree.get(key).unwrap().unwrap().as_ref()).unwrap();
+    let key = keys::entry(seq);
+    if let Some(bytes) = tree.get(key).unwrap() {
+        // A ledger that keeps its entries in sled.
+        let mut entry = custody::proto::Entry::decode(bytes.as_ref()).unwrap();
+        change(&mut entry);
+        tree.insert(key, entry.encode_to_vec()).unwrap();
+        db.flush().unwrap();
+        return;
+    }
+    // The entries file: find the record through its `o` page and rewrite it with a checksum
+    // that matches, moving the records after it and their offsets, as a careful attacker
+    // would.
+    let page = tree
+        .get(keys::offsets_page(seq / keys::OFFSETS_PER_PAGE))
+        .unwrap()
+        .expect("no offsets page for the entry");
+    let slot = (seq % keys::OFFSETS_PER_PAGE) as usize * 8;
+    let offset = u64::from_le_bytes(page[slot..slot + 8].try_into().unwrap()) as usize;
+    let path = dir.join(entrylog::FILE_NAME);
+    let mut file = std::fs::read(&path).unwrap();
+    let len = u32::from_le_bytes(file[offset..offset + 4].try_into().unwrap()) as usize;
+    let start = offset + entrylog::HEADER as usize;
+    let mut entry = custody::proto::Entry::decode(&file[start..start + len]).unwrap();
     change(&mut entry);
-    tree.insert(key, entry.encode_to_vec()).unwrap();
+    let mut record = Vec::new();
+    entrylog::encode_record(&entry.encode_to_vec(), &mut record).unwrap();
+    let grown = record.len() as i64 - (start + len - offset) as i64;
+    file.splice(offset..start + len, record);
+    std::fs::write(&path, file).unwrap();
+    for item in tree.scan_prefix([keys::OFFSETS]) {
+        let (key, value) = item.unwrap();
+        let moved: Vec<u8> = value
+            .chunks(8)
+            .flat_map(|o| {
+                let o = u64::from_le_bytes(o.try_into().unwrap());
+                let o = if o > offset as u64 {
+                    o.checked_add_signed(grown).unwrap()
+                } else {
+                    o
+                };
+                o.to_le_bytes()
+            })
+            .collect();
+        tree.insert(key, moved).unwrap();
+    }
     db.flush().unwrap();
 }
