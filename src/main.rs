@@ -676,6 +676,7 @@ fn store_stats(data_dir: &std::path::Path) -> anyhow::Result<()> {
         keys::ENTRY if in_file => "entries (file)",
         keys::ENTRY => "entries",
         keys::OFFSETS => "entry offsets",
+        keys::HASH_PAGE if in_file => "hashes (file)",
         keys::HASH_PAGE => "hash pages",
         keys::EVENT_ID => "event ids",
         keys::KEY => "key registry",
@@ -709,12 +710,14 @@ fn store_stats(data_dir: &std::path::Path) -> anyhow::Result<()> {
         .iter()
         .find(|row| row.prefix == keys::ENTRY)
         .map_or(0, |row| row.value_bytes);
-    let file = db.join(custody::store::entrylog::FILE_NAME);
-    let file_bytes = std::fs::metadata(&file).map_or(0, |m| m.len());
+    let size = |name: &str| std::fs::metadata(db.join(name)).map_or(0, |m| m.len());
+    let entries_file = size(custody::store::entrylog::FILE_NAME);
+    let hashes_file = size(custody::store::hashlog::FILE_NAME);
     outln!(
-        "on disk: {on_disk} bytes in {} (entries file {file_bytes}, sled {}); {:.2} x the entries' bytes",
+        "on disk: {on_disk} bytes in {} (entries file {entries_file}, hashes file {hashes_file}, \
+         sled {}); {:.2} x the entries' bytes",
         db.display(),
-        on_disk - file_bytes.min(on_disk),
+        on_disk.saturating_sub(entries_file + hashes_file),
         on_disk as f64 / entry_bytes.max(1) as f64
     );
     Ok(())

@@ -1,17 +1,17 @@
-//! The ledger's storage: the entries' bytes in an append-only file ([`entrylog`]), and in one
-//! sled tree where each entry starts, packed Merkle hash pages, the event-id index, the key
-//! registry, trust state, the query index and the newest checkpoint (layout in [`keys`]).
-//! Ledgers created before the entries file keep their entries in sled (`e` keys) and are
-//! served as they are.
+//! The ledger's storage: the entries' bytes and the Merkle tree's stored hashes in two
+//! append-only files ([`entrylog`], [`hashlog`]), and in one sled tree where each entry
+//! starts, the event-id index, the key registry, trust state, the query index and the newest
+//! checkpoint (layout in [`keys`]). Ledgers created before those files keep their entries and
+//! hash pages in sled (`e` and `h` keys) and are served as they are.
 //!
 //! Contract: [`Store::commit`] writes a whole batch atomically and returns only after it is
 //! on disk; once it returns, the batch survives a crash of the process or a power loss. It is
 //! [`Store::apply`] (atomic, visible to readers at once, not yet durable) followed by
 //! [`Store::flush`] (everything applied so far becomes durable: sled's flush, then
 //! `fdatasync` of sled's files, which sled's flush alone does not do; see `durable`). `apply`
-//! appends the entries to the entries file and syncs them before it hands sled the batch
-//! that records where they start, so sled never refers to bytes the disk lacks; entries
-//! appended by a batch sled never took are cut off on open. The
+//! appends the entries and hashes to their files and syncs them before it hands sled the
+//! batch that records where the entries start and the new tree size, so sled never refers to
+//! bytes the disk lacks; what was appended for a batch sled never took is cut off on open. The
 //! server applies a batch while the one before it is being flushed, and acknowledges a batch
 //! only after a flush that follows its apply. If the process dies before it returns, recovery
 //! shows the store as it was before the batch (sled applies a batch atomically), never half
@@ -22,6 +22,7 @@
 
 mod durable;
 pub mod entrylog;
+pub mod hashlog;
 pub mod keys;
 
 use std::path::Path;
@@ -122,6 +123,8 @@ pub struct Store {
     files: durable::SledFiles,
     /// The entries file; `None` for a ledger that keeps its entries in sled (`e` keys).
     log: Option<entrylog::EntryLog>,
+    /// The hashes file: present exactly when `log` is (else hash pages are in sled).
+    hashes: Option<hashlog::HashLog>,
 }
 
 impl Store {
@@ -143,11 +146,18 @@ impl Store {
                 Ok(db) => {
                     let tree = db.open_tree("ledger")?;
                     let in_sled = tree.scan_prefix([keys::ENTRY]).next().is_some();
-                    let log = if in_sled {
-                        None
+                    let (log, hashes) = if in_sled {
+                        (None, None)
                     } else {
                         let last = last_offset(&tree)?;
-                        Some(entrylog::EntryLog::open(dir, last)?)
+                        let size = stored_size(&tree)?;
+                        (
+                            Some(entrylog::EntryLog::open(dir, last)?),
+                            Some(hashlog::HashLog::open(
+                                dir,
+                                merkle::stored_hash_count(size),
+                            )?),
+                        )
                     };
                     // After the entries file exists, so that its directory entry is synced.
                     let files = durable::SledFiles::open(dir).map_err(StoreError::Sync)?;
@@ -156,6 +166,7 @@ impl Store {
                         tree,
                         files,
                         log,
+                        hashes,
                     });
                 }
                 Err(sled::Error::Io(e))
@@ -173,11 +184,7 @@ impl Store {
     }
 
     fn head_size(&self) -> Result<u64, StoreError> {
-        match self.tree.get(keys::named(keys::META, keys::META_SIZE))? {
-            None => Ok(0),
-            Some(size) => keys::decode_u64(&size)
-                .ok_or_else(|| StoreError::Corrupt("tree size is not 8 bytes".into())),
-        }
+        stored_size(&self.tree)
     }
 
     /// The newest committed checkpoint's tree size and note, or `None` for a new store.
@@ -451,6 +458,18 @@ impl Store {
                 },
             );
         }
+        if let Some(hashes) = &self.hashes {
+            let count = hashes.count();
+            usage.insert(
+                keys::HASH_PAGE,
+                PrefixUsage {
+                    prefix: keys::HASH_PAGE,
+                    keys: count,
+                    key_bytes: 0,
+                    value_bytes: count * HASH_SIZE as u64,
+                },
+            );
+        }
         Ok(usage.into_values().collect())
     }
 
@@ -507,7 +526,12 @@ impl Store {
         }
         batch.insert(keys::named(keys::META, keys::META_REBUILDING), &[]);
         self.tree.apply_batch(batch)?;
-        self.flush()
+        self.flush()?;
+        // The tree size is gone, so the next open would cut the hashes too.
+        match &self.hashes {
+            Some(hashes) => hashes.cut(0),
+            None => Ok(()),
+        }
     }
 
     /// Whether a rebuild was started and not finished.
@@ -594,6 +618,17 @@ impl Store {
         }
         let mut batch = sled::Batch::default();
         let tree_size = commit.first_seq + commit.entries.len() as u64;
+        let first_hash = merkle::stored_hash_count(commit.first_seq);
+        let hash_count = merkle::stored_hash_count(tree_size);
+        if first_hash + commit.hashes.len() as u64 != hash_count {
+            return Err(StoreError::Corrupt(format!(
+                "commit of {} entries from {} brings {} hashes; the tree needs {}",
+                commit.entries.len(),
+                commit.first_seq,
+                commit.hashes.len(),
+                hash_count - first_hash
+            )));
+        }
         // The entries: appended to the entries file and synced before sled hears of them
         // (see `entrylog`), their offsets packed into pages; or, in a ledger that keeps them
         // in sled, one key each.
@@ -641,24 +676,21 @@ impl Store {
                 None
             }
         };
-        // Hash pages: merge the new hashes into the tail page and any new pages.
-        let hashes: Vec<&[u8]> = commit.hashes.iter().map(|h| h.0.as_slice()).collect();
-        let index = self.extend_pages(
-            &mut batch,
-            keys::hash_page,
-            HASHES_PER_PAGE,
-            merkle::stored_hash_count(commit.first_seq),
-            &hashes,
-            "hash",
-        )?;
-        if index != merkle::stored_hash_count(tree_size) {
-            return Err(StoreError::Corrupt(format!(
-                "commit of {} entries from {} brings {} hashes; the tree needs {}",
-                commit.entries.len(),
-                commit.first_seq,
-                commit.hashes.len(),
-                merkle::stored_hash_count(tree_size) - merkle::stored_hash_count(commit.first_seq)
-            )));
+        // The hashes: appended to the hashes file and synced before sled hears of them, or,
+        // in a ledger that keeps them in sled, merged into the tail page and new pages.
+        match &self.hashes {
+            Some(hashes) => hashes.append(first_hash, &commit.hashes)?,
+            None => {
+                let hashes: Vec<&[u8]> = commit.hashes.iter().map(|h| h.0.as_slice()).collect();
+                self.extend_pages(
+                    &mut batch,
+                    keys::hash_page,
+                    HASHES_PER_PAGE,
+                    first_hash,
+                    &hashes,
+                    "hash",
+                )?;
+            }
         }
         for (event_id, seq) in &commit.event_ids {
             batch.insert(
@@ -711,6 +743,9 @@ impl Store {
         if let Some((log, end, count)) = appended {
             log.advance(end, count.max(log.count()));
         }
+        if let Some(hashes) = &self.hashes {
+            hashes.advance(hash_count);
+        }
         Ok(())
     }
 
@@ -721,6 +756,15 @@ impl Store {
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         self.files.sync().map_err(StoreError::Sync)
+    }
+}
+
+/// The tree size sled holds (0 for none).
+fn stored_size(tree: &sled::Tree) -> Result<u64, StoreError> {
+    match tree.get(keys::named(keys::META, keys::META_SIZE))? {
+        None => Ok(0),
+        Some(size) => keys::decode_u64(&size)
+            .ok_or_else(|| StoreError::Corrupt("tree size is not 8 bytes".into())),
     }
 }
 
@@ -773,6 +817,16 @@ fn reader_error(error: StoreError) -> tlog_tiles::Error {
 
 impl HashReader for Store {
     fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
+        if let Some(file) = &self.hashes {
+            return indexes
+                .iter()
+                .map(|&index| {
+                    file.read(index)
+                        .map_err(|e| reader_error(StoreError::Read(format!("hash {index}: {e}"))))?
+                        .ok_or(tlog_tiles::Error::IndexesNotInTree)
+                })
+                .collect();
+        }
         let mut hashes = Vec::with_capacity(indexes.len());
         let mut cached: Option<(u64, Vec<u8>)> = None;
         for &index in indexes {
@@ -985,6 +1039,12 @@ mod tests {
             .len()
     }
 
+    fn hashes_len(dir: &Path) -> u64 {
+        std::fs::metadata(dir.join(hashlog::FILE_NAME))
+            .unwrap()
+            .len()
+    }
+
     #[test]
     fn entries_appended_for_a_batch_sled_never_took_are_cut_off_on_open() {
         let dir = tempfile::tempdir().unwrap();
@@ -994,14 +1054,24 @@ mod tests {
             .commit(&commit_of(&store, 0, &numbered_entries(0..300)))
             .unwrap();
         let committed = file_len(dir.path());
-        // The process dies after the entries are appended and synced, before sled's batch.
+        let hashes = hashes_len(dir.path());
+        assert_eq!(hashes, merkle::stored_hash_count(300) * HASH_SIZE as u64);
+        // The process dies after the entries and hashes are appended and synced, before
+        // sled's batch.
+        let next = commit_of(&store, 300, &numbered_entries(300..310));
         let log = store.log.as_ref().unwrap();
-        log.append(&numbered_entries(300..310)).unwrap();
+        log.append(&next.entries).unwrap();
+        let hash_log = store.hashes.as_ref().unwrap();
+        hash_log
+            .append(merkle::stored_hash_count(300), &next.hashes)
+            .unwrap();
         assert!(file_len(dir.path()) > committed);
+        assert!(hashes_len(dir.path()) > hashes);
         assert_eq!(store.entries(0, u64::MAX).count(), 300, "not visible");
         drop(store);
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(file_len(dir.path()), committed);
+        assert_eq!(hashes_len(dir.path()), hashes);
         assert_eq!(store.entry_count().unwrap(), 300);
         store.check_tail(&store.head().unwrap().unwrap()).unwrap();
         // The ledger goes on from there.
@@ -1020,6 +1090,10 @@ mod tests {
         let bytes: usize = numbered_entries(0..700).iter().map(Vec::len).sum();
         assert_eq!((entries.keys, entries.value_bytes), (700, bytes as u64));
         assert!(usage.iter().any(|u| u.prefix == keys::OFFSETS));
+        let stored = usage.iter().find(|u| u.prefix == keys::HASH_PAGE).unwrap();
+        assert_eq!(stored.keys, merkle::stored_hash_count(700));
+        assert_eq!(store.tree.scan_prefix([keys::HASH_PAGE]).count(), 0);
+        assert_eq!(store.tree.scan_prefix([keys::ENTRY]).count(), 0);
     }
 
     #[test]
@@ -1030,6 +1104,7 @@ mod tests {
         store.commit(&commit_of(&store, 0, &entries)).unwrap();
         let root = store.head().unwrap().unwrap().root;
         let len = file_len(dir.path());
+        let hashes = hashes_len(dir.path());
         store.drop_derived().unwrap();
         assert_eq!(store.head().unwrap(), None);
         assert_eq!(
@@ -1037,6 +1112,7 @@ mod tests {
             600,
             "entries and offsets kept"
         );
+        assert_eq!(hashes_len(dir.path()), 0, "hashes are derived");
         drop(store);
         let store = Store::open(dir.path()).unwrap();
         // Other bytes for a stored entry are refused.
@@ -1051,6 +1127,7 @@ mod tests {
             store.commit(&commit_of(&store, chunk.start, part)).unwrap();
         }
         assert_eq!(file_len(dir.path()), len);
+        assert_eq!(hashes_len(dir.path()), hashes);
         assert_eq!(store.head().unwrap().unwrap().root, root);
         store
             .commit(&commit_of(&store, 600, &numbered_entries(600..601)))
@@ -1093,6 +1170,13 @@ mod tests {
         assert_eq!(store.entries(250, 260).count(), 10);
         assert_eq!(store.tree.scan_prefix([keys::ENTRY]).count(), 500);
         assert_eq!(store.tree.scan_prefix([keys::OFFSETS]).count(), 0);
+        assert!(store.tree.scan_prefix([keys::HASH_PAGE]).count() > 0);
+        assert!(!dir.path().join(hashlog::FILE_NAME).exists());
+        let proof = merkle::inclusion_proof(123, 500, &store).unwrap();
+        assert_eq!(
+            proof,
+            merkle::inclusion_proof(123, 500, &reference).unwrap()
+        );
     }
 
     #[test]
