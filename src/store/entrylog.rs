@@ -57,6 +57,10 @@ pub struct EntryLog {
     file: Arc<File>,
     /// Offset just past the last committed record.
     end: AtomicU64,
+    /// Offset just past the last record written and synced (committed or not). Reads are
+    /// bounded by it, not by `end`: a reader finds records through sled's offsets, which sled
+    /// shows as soon as it has the batch, a moment before [`EntryLog::advance`].
+    written: AtomicU64,
     /// Number of committed records.
     count: AtomicU64,
 }
@@ -137,6 +141,7 @@ impl EntryLog {
         let log = Self {
             file: Arc::new(file),
             end: AtomicU64::new(len),
+            written: AtomicU64::new(len),
             count: AtomicU64::new(0),
         };
         let (count, committed_end) = match last {
@@ -153,20 +158,23 @@ impl EntryLog {
                         path.display()
                     )));
                 }
-                (seq + 1, end)
+                // The last committed record must be whole before anything after it is cut.
+                log.read(offset)?;
+                let count = seq
+                    .checked_add(1)
+                    .ok_or_else(|| StoreError::Corrupt("entry offsets: seq out of range".into()))?;
+                (count, end)
             }
         };
         if len > committed_end {
-            tracing::info!(
-                bytes = len - committed_end,
-                "cutting off entries appended by a commit that never completed"
-            );
+            keep_cut_tail(&log.file, dir, committed_end, len)?;
             log.file.set_len(committed_end).map_err(StoreError::Sync)?;
         }
         // Synced whether or not it was cut: the records may have been written by a process
         // that died before its own sync.
         log.file.sync_data().map_err(StoreError::Sync)?;
         log.advance(committed_end, count);
+        log.written.store(committed_end, Ordering::Release);
         Ok(log)
     }
 
@@ -200,6 +208,8 @@ impl EntryLog {
         }
         self.file.write_all_at(&buffer, start)?;
         self.file.sync_data()?;
+        self.written
+            .store(start + buffer.len() as u64, Ordering::Release);
         Ok(Appended {
             offsets,
             end: start + buffer.len() as u64,
@@ -222,9 +232,10 @@ impl EntryLog {
         Ok(offset + HEADER + record_len(&header, offset)? as u64)
     }
 
-    /// The bytes of the committed record at `offset`, checked against its CRC.
+    /// The bytes of the record at `offset`, checked against its CRC. Only offsets sled holds
+    /// are read, so the record is committed, or its batch is being handed to sled.
     pub fn read(&self, offset: u64) -> Result<Vec<u8>, StoreError> {
-        let end = self.end();
+        let end = self.written.load(Ordering::Acquire);
         let available = end.saturating_sub(offset).min(FIRST_READ as u64) as usize;
         let mut record = vec![0u8; available];
         self.file
@@ -249,11 +260,12 @@ impl EntryLog {
         Ok(record)
     }
 
-    /// The `count` committed records from `offset` on, read sequentially in large pieces.
+    /// The `count` records from `offset` on, read sequentially in large pieces, each with
+    /// its offset.
     pub fn records(&self, offset: u64, count: u64) -> Records {
         Records {
             file: Arc::clone(&self.file),
-            end: self.end(),
+            end: self.written.load(Ordering::Acquire),
             buffer: Vec::new(),
             buffer_at: offset,
             used: 0,
@@ -265,7 +277,7 @@ impl EntryLog {
 /// Iterator of [`EntryLog::records`]: each record's bytes, checked.
 pub struct Records {
     file: Arc<File>,
-    /// The committed end when the iterator was made; nothing past it is read.
+    /// The written end when the iterator was made; nothing past it is read.
     end: u64,
     buffer: Vec<u8>,
     /// File offset of `buffer[0]`.
@@ -300,19 +312,45 @@ impl Records {
         Ok(())
     }
 
-    fn next_record(&mut self) -> Result<Vec<u8>, StoreError> {
+    fn next_record(&mut self) -> Result<(u64, Vec<u8>), StoreError> {
         let offset = self.buffer_at + self.used as u64;
         self.fill(HEADER as usize)?;
         let len = record_len(&self.buffer[self.used..], offset)?;
         self.fill(HEADER as usize + len)?;
         let bytes = check_record(&self.buffer[self.used..], offset)?.to_vec();
         self.used += HEADER as usize + len;
-        Ok(bytes)
+        Ok((offset, bytes))
     }
 }
 
+/// Copies the records past `from` (appended by a commit sled never took, as far as sled
+/// knows) to `entries.cut-FROM-LEN` beside the file and syncs it, so that cutting them off
+/// never destroys data, whatever the reason sled's account is short.
+fn keep_cut_tail(file: &File, dir: &Path, from: u64, len: u64) -> Result<(), StoreError> {
+    let side = dir.join(format!("{FILE_NAME}.cut-{from}-{len}"));
+    tracing::warn!(
+        bytes = len - from,
+        kept_in = %side.display(),
+        "cutting off entries past the last one the index holds (a commit that never completed)"
+    );
+    let copy = || -> io::Result<()> {
+        let mut out = File::create(&side)?;
+        let mut at = from;
+        let mut buffer = vec![0u8; READ_AHEAD];
+        while at < len {
+            let n = (len - at).min(READ_AHEAD as u64) as usize;
+            file.read_exact_at(&mut buffer[..n], at)?;
+            io::Write::write_all(&mut out, &buffer[..n])?;
+            at += n as u64;
+        }
+        out.sync_all()?;
+        File::open(dir)?.sync_all()
+    };
+    copy().map_err(StoreError::Sync)
+}
+
 impl Iterator for Records {
-    type Item = Result<Vec<u8>, StoreError>;
+    type Item = Result<(u64, Vec<u8>), StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.left == 0 {
@@ -365,11 +403,14 @@ mod tests {
             .records(0, all.len() as u64)
             .map(Result::unwrap)
             .collect();
-        assert_eq!(read, all);
-        let tail: Vec<_> = log.records(offsets[5], 3).map(Result::unwrap).collect();
+        assert_eq!(
+            read,
+            offsets.iter().copied().zip(all.clone()).collect::<Vec<_>>()
+        );
+        let tail: Vec<_> = log.records(offsets[5], 3).map(|r| r.unwrap().1).collect();
         assert_eq!(tail, all[5..8]);
         assert_eq!(log.record_end(offsets[19]).unwrap(), more.end);
-        // Past the committed end nothing is read.
+        // Past the written end nothing is read.
         assert!(log
             .records(0, all.len() as u64 + 1)
             .last()
@@ -390,6 +431,7 @@ mod tests {
         drop(log);
         let len = std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().len();
         assert!(len > kept.end);
+        let whole = std::fs::read(dir.path().join(FILE_NAME)).unwrap();
         let log = EntryLog::open(dir.path(), Some((0, 0))).unwrap();
         assert_eq!((log.end(), log.count()), (kept.end, 1));
         assert_eq!(
@@ -397,6 +439,19 @@ mod tests {
             kept.end
         );
         assert_eq!(log.read(0).unwrap(), b"kept");
+        // What was cut is kept beside the file, never destroyed.
+        let side = dir
+            .path()
+            .join(format!("{FILE_NAME}.cut-{}-{len}", kept.end));
+        assert_eq!(
+            std::fs::read(side).unwrap(),
+            whole[kept.end as usize..].to_vec()
+        );
+        drop(log);
+        // Even everything, if sled has lost its account (no offsets at all).
+        EntryLog::open(dir.path(), None).unwrap();
+        let side = dir.path().join(format!("{FILE_NAME}.cut-0-{}", kept.end));
+        assert_eq!(std::fs::read(side).unwrap(), whole[..kept.end as usize]);
     }
 
     #[test]
@@ -430,6 +485,13 @@ mod tests {
         let read: Vec<_> = log.records(0, 4).collect();
         assert_eq!(read.len(), 3, "stops at the damaged record");
         assert!(matches!(read[2], Err(StoreError::Corrupt(_))));
+        drop(log);
+        // Nothing is cut after a last committed record that is not whole.
+        assert!(matches!(
+            EntryLog::open(dir.path(), Some((2, appended.offsets[2]))),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), appended.end);
         // A length past the limit is refused before anything is allocated for it.
         bytes[at] ^= 1;
         bytes[..4].copy_from_slice(&u32::MAX.to_le_bytes());

@@ -31,6 +31,10 @@ pub struct HashLog {
     file: File,
     /// Number of committed hashes.
     count: AtomicU64,
+    /// Number of hashes written and synced (committed or not). Reads are bounded by it: a
+    /// reader asks for hashes of a tree size it learnt from sled, which sled shows as soon as
+    /// it has the batch, a moment before [`HashLog::advance`].
+    written: AtomicU64,
 }
 
 impl HashLog {
@@ -48,6 +52,7 @@ impl HashLog {
         let log = Self {
             file,
             count: AtomicU64::new(0),
+            written: AtomicU64::new(0),
         };
         log.cut(count)?;
         Ok(log)
@@ -67,6 +72,7 @@ impl HashLog {
         }
         self.file.sync_data().map_err(StoreError::Sync)?;
         self.count.store(count, Ordering::Release);
+        self.written.store(count, Ordering::Release);
         Ok(())
     }
 
@@ -91,7 +97,10 @@ impl HashLog {
         self.file
             .write_all_at(&bytes, first * SIZE)
             .and_then(|()| self.file.sync_data())
-            .map_err(StoreError::Sync)
+            .map_err(StoreError::Sync)?;
+        self.written
+            .store(first + hashes.len() as u64, Ordering::Release);
+        Ok(())
     }
 
     /// Commits what [`append`](Self::append) wrote, once sled holds the new tree size.
@@ -99,9 +108,9 @@ impl HashLog {
         self.count.store(count, Ordering::Release);
     }
 
-    /// Hash `index`, if committed.
+    /// Hash `index`, if written (committed, or in the batch being handed to sled).
     pub fn read(&self, index: u64) -> io::Result<Option<Hash>> {
-        if index >= self.count() {
+        if index >= self.written.load(Ordering::Acquire) {
             return Ok(None);
         }
         let mut hash = [0u8; HASH_SIZE];
@@ -122,8 +131,9 @@ mod tests {
     fn appends_are_read_once_committed_and_cut_back_to_sleds_count() {
         let dir = tempfile::tempdir().unwrap();
         let log = HashLog::open(dir.path(), 0).unwrap();
+        assert_eq!(log.read(0).unwrap(), None);
         log.append(0, &hashes(0..5)).unwrap();
-        assert_eq!(log.read(0).unwrap(), None, "not committed before advance");
+        assert_eq!(log.count(), 0, "not committed before advance");
         log.advance(5);
         assert!(matches!(
             log.append(4, &hashes(9..10)),
@@ -132,12 +142,13 @@ mod tests {
         // Appended and synced, but sled never took it.
         log.append(5, &hashes(5..9)).unwrap();
         assert_eq!(log.read(4).unwrap(), Some(Hash([4; HASH_SIZE])));
-        assert_eq!(log.read(5).unwrap(), None);
+        assert_eq!(log.read(9).unwrap(), None);
         drop(log);
         let log = HashLog::open(dir.path(), 5).unwrap();
         let len = std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().len();
         assert_eq!(len, 5 * SIZE);
         assert_eq!(log.read(2).unwrap(), Some(Hash([2; HASH_SIZE])));
+        assert_eq!(log.read(5).unwrap(), None, "cut off");
         drop(log);
         assert!(matches!(
             HashLog::open(dir.path(), 6),

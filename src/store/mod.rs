@@ -258,23 +258,19 @@ impl Store {
         self.log.is_some()
     }
 
-    /// Where committed entry `seq` starts in the entries file.
-    fn entry_offset(&self, seq: u64) -> Result<u64, StoreError> {
-        let (page, slot) = (seq / keys::OFFSETS_PER_PAGE, seq % keys::OFFSETS_PER_PAGE);
-        let at = slot as usize * 8;
-        self.tree
-            .get(keys::offsets_page(page))?
-            .and_then(|bytes| bytes.get(at..at + 8).and_then(|b| b.try_into().ok()))
-            .map(u64::from_le_bytes)
-            .ok_or_else(|| StoreError::Corrupt(format!("no offset for entry {seq}")))
+    /// Where entry `seq` starts in the entries file, as sled holds it (`None`: no such entry).
+    fn entry_offset(&self, seq: u64) -> Result<Option<u64>, StoreError> {
+        Ok(offset_in(&self.tree, seq)?)
     }
 
     /// The stored bytes of entry `seq`.
     pub fn entry(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
         match &self.log {
             None => Ok(self.tree.get(keys::entry(seq))?.map(|v| v.to_vec())),
-            Some(log) if seq < log.count() => log.read(self.entry_offset(seq)?).map(Some),
-            Some(_) => Ok(None),
+            Some(log) => match self.entry_offset(seq)? {
+                Some(offset) => log.read(offset).map(Some),
+                None => Ok(None),
+            },
         }
     }
 
@@ -292,18 +288,37 @@ impl Store {
                     }),
             );
         };
-        let end = end.min(log.count());
-        if start >= end {
-            return Box::new(std::iter::empty());
-        }
-        match self.entry_offset(start) {
-            Ok(offset) => Box::new(
-                (start..)
-                    .zip(log.records(offset, end - start))
-                    .map(|(seq, bytes)| Ok((seq, bytes?))),
-            ),
-            Err(error) => Box::new(std::iter::once(Err(error))),
-        }
+        // sled's account of the entries, not the log's counter: sled shows a batch a moment
+        // before the counter moves.
+        let located = last_offset(&self.tree).and_then(|last| {
+            let count = last.map_or(0, |(seq, _)| seq.saturating_add(1));
+            let end = end.min(count);
+            Ok(match start < end {
+                true => self.entry_offset(start)?.map(|offset| (offset, end)),
+                false => None,
+            })
+        });
+        let (offset, end) = match located {
+            Ok(Some(found)) => found,
+            Ok(None) => return Box::new(std::iter::empty()),
+            Err(error) => return Box::new(std::iter::once(Err(error))),
+        };
+        // Records are read one after another; at each page of offsets the position is checked
+        // against the one sled holds, so a record cannot be slipped in between.
+        let tree = self.tree.clone();
+        Box::new(
+            (start..)
+                .zip(log.records(offset, end - start))
+                .map(move |(seq, record)| {
+                    let (at, bytes) = record?;
+                    if seq % keys::OFFSETS_PER_PAGE == 0 && offset_in(&tree, seq)? != Some(at) {
+                        return Err(StoreError::Corrupt(format!(
+                            "entry {seq} is not where its offset says"
+                        )));
+                    }
+                    Ok((seq, bytes))
+                }),
+        )
     }
 
     /// The seq of the entry that carries `event_id`.
@@ -454,7 +469,7 @@ impl Store {
                     prefix: keys::ENTRY,
                     keys: count,
                     key_bytes: 0,
-                    value_bytes: log.end() - count * entrylog::HEADER,
+                    value_bytes: log.end().saturating_sub(count * entrylog::HEADER),
                 },
             );
         }
@@ -759,6 +774,16 @@ impl Store {
     }
 }
 
+/// Where entry `seq` starts in the entries file, from its `o` page.
+fn offset_in(tree: &sled::Tree, seq: u64) -> Result<Option<u64>, sled::Error> {
+    let (page, slot) = (seq / keys::OFFSETS_PER_PAGE, seq % keys::OFFSETS_PER_PAGE);
+    let at = slot as usize * 8;
+    Ok(tree
+        .get(keys::offsets_page(page))?
+        .and_then(|bytes| bytes.get(at..at + 8).and_then(|b| b.try_into().ok()))
+        .map(u64::from_le_bytes))
+}
+
 /// The tree size sled holds (0 for none).
 fn stored_size(tree: &sled::Tree) -> Result<u64, StoreError> {
     match tree.get(keys::named(keys::META, keys::META_SIZE))? {
@@ -775,18 +800,20 @@ fn last_offset(tree: &sled::Tree) -> Result<Option<(u64, u64)>, StoreError> {
     };
     let page = keys::number_of(keys::OFFSETS, &key)
         .ok_or_else(|| StoreError::Corrupt("malformed entry offsets key".into()))?;
-    let slots = value.len() / 8;
+    let slots = value.len() as u64 / 8;
+    let malformed = || StoreError::Corrupt(format!("entry offsets page {page} is malformed"));
     let last = value
         .len()
         .checked_sub(8)
-        .filter(|_| value.len() % 8 == 0)
+        .filter(|_| value.len() % 8 == 0 && slots <= keys::OFFSETS_PER_PAGE)
         .and_then(|at| value[at..].try_into().ok())
         .map(u64::from_le_bytes)
-        .ok_or_else(|| StoreError::Corrupt(format!("entry offsets page {page} is malformed")))?;
-    Ok(Some((
-        page * keys::OFFSETS_PER_PAGE + slots as u64 - 1,
-        last,
-    )))
+        .ok_or_else(malformed)?;
+    let seq = page
+        .checked_mul(keys::OFFSETS_PER_PAGE)
+        .and_then(|first| first.checked_add(slots - 1))
+        .ok_or_else(malformed)?;
+    Ok(Some((seq, last)))
 }
 
 /// Bytes of the files under `dir`, recursively: a store directory's size on disk (for
@@ -1177,6 +1204,19 @@ mod tests {
             proof,
             merkle::inclusion_proof(123, 500, &reference).unwrap()
         );
+        // Reopened as it is (hash pages, tree size, no rebuild), it takes further appends.
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert!(!store.entries_in_file());
+        store.check_tail(&store.head().unwrap().unwrap()).unwrap();
+        let more = numbered_entries(500..530);
+        store.commit(&commit_of(&store, 500, &more)).unwrap();
+        for bytes in &more {
+            reference.push(merkle::leaf_hash(bytes));
+        }
+        assert_eq!(store.head().unwrap().unwrap().root, reference.root());
+        assert_eq!(store.entries(0, u64::MAX).count(), 530);
+        assert!(!dir.path().join(entrylog::FILE_NAME).exists());
     }
 
     #[test]
