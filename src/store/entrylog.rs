@@ -63,6 +63,9 @@ pub struct EntryLog {
     written: AtomicU64,
     /// Number of committed records.
     count: AtomicU64,
+    /// Tests: the next append fails before writing.
+    #[cfg(test)]
+    pub(super) fail_next: std::sync::atomic::AtomicBool,
 }
 
 /// The record for `bytes`: header and bytes.
@@ -143,6 +146,8 @@ impl EntryLog {
             end: AtomicU64::new(len),
             written: AtomicU64::new(len),
             count: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_next: Default::default(),
         };
         let (count, committed_end) = match last {
             None => (0, 0),
@@ -192,6 +197,10 @@ impl EntryLog {
     /// until [`advance`](Self::advance) they are invisible, and a later append overwrites
     /// them. Returns where each record starts and where they end.
     pub fn append(&self, entries: &[Vec<u8>]) -> io::Result<Appended> {
+        #[cfg(test)]
+        if self.fail_next.swap(false, Ordering::SeqCst) {
+            return Err(io::Error::other("injected append failure"));
+        }
         let start = self.end();
         if entries.is_empty() {
             return Ok(Appended {

@@ -35,6 +35,9 @@ pub struct HashLog {
     /// reader asks for hashes of a tree size it learnt from sled, which sled shows as soon as
     /// it has the batch, a moment before [`HashLog::advance`].
     written: AtomicU64,
+    /// Tests: the next append fails before writing.
+    #[cfg(test)]
+    pub(super) fail_next: std::sync::atomic::AtomicBool,
 }
 
 impl HashLog {
@@ -53,6 +56,8 @@ impl HashLog {
             file,
             count: AtomicU64::new(0),
             written: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_next: Default::default(),
         };
         log.cut(count)?;
         Ok(log)
@@ -88,6 +93,12 @@ impl HashLog {
             return Err(StoreError::Corrupt(format!(
                 "hashes appended at {first}, but {} are stored",
                 self.count()
+            )));
+        }
+        #[cfg(test)]
+        if self.fail_next.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Sync(io::Error::other(
+                "injected append failure",
             )));
         }
         if hashes.is_empty() {

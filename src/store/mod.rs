@@ -151,6 +151,12 @@ impl Store {
                     } else {
                         let last = last_offset(&tree)?;
                         let size = stored_size(&tree)?;
+                        if last.is_none() && size > 0 {
+                            // Cutting the file to nothing would hide a whole ledger.
+                            return Err(StoreError::Corrupt(format!(
+                                "the index holds a tree of {size} entries but no entry offsets"
+                            )));
+                        }
                         (
                             Some(entrylog::EntryLog::open(dir, last)?),
                             Some(hashlog::HashLog::open(
@@ -1121,6 +1127,84 @@ mod tests {
         assert_eq!(stored.keys, merkle::stored_hash_count(700));
         assert_eq!(store.tree.scan_prefix([keys::HASH_PAGE]).count(), 0);
         assert_eq!(store.tree.scan_prefix([keys::ENTRY]).count(), 0);
+    }
+
+    #[test]
+    fn a_failed_append_leaves_sled_without_the_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .commit(&commit_of(&store, 0, &numbered_entries(0..10)))
+            .unwrap();
+        let head = store.head().unwrap().unwrap();
+        // The files are written before sled's batch: when either fails, sled never has it.
+        for fail in [
+            &store.log.as_ref().unwrap().fail_next,
+            &store.hashes.as_ref().unwrap().fail_next,
+        ] {
+            fail.store(true, std::sync::atomic::Ordering::SeqCst);
+            let next = commit_of(&store, 10, &numbered_entries(10..20));
+            assert!(matches!(store.commit(&next), Err(StoreError::Sync(_))));
+            assert_eq!(store.head().unwrap().unwrap(), head);
+            assert_eq!(store.entries(0, u64::MAX).count(), 10);
+            assert_eq!(store.entry(10).unwrap(), None);
+        }
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        store.check_tail(&store.head().unwrap().unwrap()).unwrap();
+        store
+            .commit(&commit_of(&store, 10, &numbered_entries(10..20)))
+            .unwrap();
+        assert_eq!(store.entry(19).unwrap().unwrap(), b"entry 19");
+    }
+
+    #[test]
+    fn a_rebuild_cut_short_starts_over_without_writing_entries_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let entries = numbered_entries(0..700);
+        store.commit(&commit_of(&store, 0, &entries)).unwrap();
+        let root = store.head().unwrap().unwrap().root;
+        let (len, hashes) = (file_len(dir.path()), hashes_len(dir.path()));
+        store.drop_derived().unwrap();
+        store
+            .commit(&commit_of(&store, 0, &entries[..256]))
+            .unwrap();
+        // The process dies here, the rebuild mark still set.
+        assert!(store.rebuild_pending().unwrap());
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.rebuild_pending().unwrap());
+        assert_eq!(store.head().unwrap().unwrap().tree_size, 256);
+        assert_eq!(
+            hashes_len(dir.path()),
+            merkle::stored_hash_count(256) * HASH_SIZE as u64
+        );
+        // What the ledger does on open: drop and rebuild from the start.
+        store.drop_derived().unwrap();
+        store
+            .commit(&commit_of(&store, 0, &entries[..500]))
+            .unwrap();
+        store
+            .commit(&commit_of(&store, 500, &entries[500..]))
+            .unwrap();
+        store.finish_rebuild().unwrap();
+        assert_eq!(
+            (file_len(dir.path()), hashes_len(dir.path())),
+            (len, hashes)
+        );
+        assert_eq!(store.head().unwrap().unwrap().root, root);
+        // An index that has lost its offsets but not its tree is refused, not cut to nothing.
+        store.tree.remove(keys::offsets_page(0)).unwrap();
+        store.tree.remove(keys::offsets_page(1)).unwrap();
+        store.tree.remove(keys::offsets_page(2)).unwrap();
+        store.flush().unwrap();
+        drop(store);
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert_eq!(file_len(dir.path()), len);
     }
 
     #[test]
