@@ -85,6 +85,17 @@ pub fn encode_record(bytes: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
     Ok(())
 }
 
+/// Opens (or creates) one of the store's append-only files for reading and writing.
+pub(super) fn open_file(path: &Path) -> Result<File, StoreError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(StoreError::Sync)
+}
+
 /// The length a record header announces, or why it is not a record header.
 fn record_len(header: &[u8], offset: u64) -> Result<usize, StoreError> {
     let len = header
@@ -133,13 +144,7 @@ impl EntryLog {
     /// before the last committed record does is `Corrupt`: sled knows of records that are gone.
     pub fn open(dir: &Path, last: Option<(u64, u64)>) -> Result<Self, StoreError> {
         let path = dir.join(FILE_NAME);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(StoreError::Sync)?;
+        let file = open_file(&path)?;
         let len = file.metadata().map_err(StoreError::Sync)?.len();
         let log = Self {
             file: Arc::new(file),

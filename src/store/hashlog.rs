@@ -44,14 +44,7 @@ impl HashLog {
     /// Opens (or creates) the file in `dir`, holding `count` committed hashes by sled's
     /// account. Hashes past them are cut off and the cut is synced; fewer is `Corrupt`.
     pub fn open(dir: &Path, count: u64) -> Result<Self, StoreError> {
-        let path = dir.join(FILE_NAME);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(StoreError::Sync)?;
+        let file = super::entrylog::open_file(&dir.join(FILE_NAME))?;
         let log = Self {
             file,
             count: AtomicU64::new(0),

@@ -465,31 +465,25 @@ impl Store {
             entry.key_bytes += key.len() as u64;
             entry.value_bytes += value.len() as u64;
         }
+        // The files, under the prefix their data had in sled: a "key" per entry or hash, no
+        // key bytes, their bytes as values (the entries file's size less the record headers).
+        let mut file_row = |prefix: u8, keys: u64, value_bytes: u64| {
+            let row = PrefixUsage {
+                prefix,
+                keys,
+                key_bytes: 0,
+                value_bytes,
+            };
+            usage.insert(prefix, row);
+        };
         if let Some(log) = &self.log {
-            // The entries file: a "key" per entry, no key bytes, the entries' bytes as values
-            // (the file's size less the record headers).
             let count = log.count();
-            usage.insert(
-                keys::ENTRY,
-                PrefixUsage {
-                    prefix: keys::ENTRY,
-                    keys: count,
-                    key_bytes: 0,
-                    value_bytes: log.end().saturating_sub(count * entrylog::HEADER),
-                },
-            );
+            let bytes = log.end().saturating_sub(count * entrylog::HEADER);
+            file_row(keys::ENTRY, count, bytes);
         }
         if let Some(hashes) = &self.hashes {
             let count = hashes.count();
-            usage.insert(
-                keys::HASH_PAGE,
-                PrefixUsage {
-                    prefix: keys::HASH_PAGE,
-                    keys: count,
-                    key_bytes: 0,
-                    value_bytes: count * HASH_SIZE as u64,
-                },
-            );
+            file_row(keys::HASH_PAGE, count, count * HASH_SIZE as u64);
         }
         Ok(usage.into_values().collect())
     }
@@ -1158,13 +1152,19 @@ mod tests {
         assert_eq!(store.entry(19).unwrap().unwrap(), b"entry 19");
     }
 
-    #[test]
-    fn a_rebuild_cut_short_starts_over_without_writing_entries_again() {
+    /// A new store holding `count` entries in one commit, and its root.
+    fn store_of(count: u64) -> (tempfile::TempDir, Store, Vec<Vec<u8>>, Hash) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let entries = numbered_entries(0..700);
+        let entries = numbered_entries(0..count);
         store.commit(&commit_of(&store, 0, &entries)).unwrap();
         let root = store.head().unwrap().unwrap().root;
+        (dir, store, entries, root)
+    }
+
+    #[test]
+    fn a_rebuild_cut_short_starts_over_without_writing_entries_again() {
+        let (dir, store, entries, root) = store_of(700);
         let (len, hashes) = (file_len(dir.path()), hashes_len(dir.path()));
         store.drop_derived().unwrap();
         store
@@ -1209,11 +1209,7 @@ mod tests {
 
     #[test]
     fn a_rebuild_recommits_stored_entries_without_writing_them_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let entries = numbered_entries(0..600);
-        store.commit(&commit_of(&store, 0, &entries)).unwrap();
-        let root = store.head().unwrap().unwrap().root;
+        let (dir, store, entries, root) = store_of(600);
         let len = file_len(dir.path());
         let hashes = hashes_len(dir.path());
         store.drop_derived().unwrap();
