@@ -56,10 +56,12 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-/// sled's page cache. sled's default is 1 GiB, which a ledger of a million entries fills,
-/// making the server's memory grow past half a gigabyte; recent entries, hash pages and state
-/// fit well in this.
-pub const CACHE_BYTES: u64 = 128 * 1024 * 1024;
+/// sled's page cache, by sled's own accounting. sled's default is 1 GiB, which a ledger of a
+/// million entries fills, making the server's memory grow past half a gigabyte. With the
+/// entries and hashes in files, sled's cache holds small keys, whose real size sled counts
+/// low: at 128 MiB a long run of small commits took the server to 589 MiB, at 64 MiB the
+/// receipt tail grew, 96 MiB levelled off near 485 MiB (BENCHMARKS.md).
+pub const CACHE_BYTES: u64 = 96 * 1024 * 1024;
 
 /// How long [`Store::open`] waits for another holder of the directory lock to let go.
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
