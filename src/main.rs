@@ -713,11 +713,20 @@ fn store_stats(data_dir: &std::path::Path) -> anyhow::Result<()> {
     let size = |name: &str| std::fs::metadata(db.join(name)).map_or(0, |m| m.len());
     let entries_file = size(custody::store::entrylog::FILE_NAME);
     let hashes_file = size(custody::store::hashlog::FILE_NAME);
+    // Tails cut off the entries file on open (see `store::entrylog`), kept beside it.
+    let cut_prefix = format!("{}.cut-", custody::store::entrylog::FILE_NAME);
+    let cut_files: u64 = std::fs::read_dir(&db)
+        .with_context(|| format!("couldn't read {}", db.display()))?
+        .filter_map(Result::ok)
+        .filter(|item| item.file_name().to_string_lossy().starts_with(&cut_prefix))
+        .filter_map(|item| item.metadata().ok())
+        .map(|meta| meta.len())
+        .sum();
     outln!(
         "on disk: {on_disk} bytes in {} (entries file {entries_file}, hashes file {hashes_file}, \
-         sled {}); {:.2} x the entries' bytes",
+         cut-off tails {cut_files}, sled {}); {:.2} x the entries' bytes",
         db.display(),
-        on_disk.saturating_sub(entries_file + hashes_file),
+        on_disk.saturating_sub(entries_file + hashes_file + cut_files),
         on_disk as f64 / entry_bytes.max(1) as f64
     );
     Ok(())

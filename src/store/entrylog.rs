@@ -16,11 +16,14 @@
 //! out on its own before any flush, so this order is what guarantees that sled never knows of
 //! a record the disk lacks, after a crash or a power loss. The converse happens: records
 //! appended whose sled batch was lost (the process died between the two) lie past the
-//! committed end; [`EntryLog::open`] cuts them off.
+//! committed end; [`EntryLog::open`] cuts them off, keeping them in a side file
+//! (`entries.cut-FROM-LEN`), so that no bytes are ever destroyed. The store refuses to open
+//! (before any cut) when sled's account is behind its own tree size or empty while the file is
+//! not: that is a lost index, not a lost batch, and serving it would fork the log.
 //!
 //! One writer (the store's `apply`) and any number of readers: readers use positioned reads
-//! (`pread`) and only read records below the committed end, which the writer moves
-//! ([`EntryLog::advance`]) after sled has the batch.
+//! (`pread`), find records only through the offsets sled holds, and never read past the
+//! `written` mark (set after each append's sync, before sled gets the batch).
 
 use std::fs::File;
 use std::io;
@@ -169,7 +172,9 @@ impl EntryLog {
                     )));
                 }
                 // The last committed record must be whole before anything after it is cut.
-                log.read(offset)?;
+                if len > end {
+                    log.read(offset)?;
+                }
                 let count = seq
                     .checked_add(1)
                     .ok_or_else(|| StoreError::Corrupt("entry offsets: seq out of range".into()))?;
@@ -198,15 +203,18 @@ impl EntryLog {
         self.end.load(Ordering::Acquire)
     }
 
-    /// Writes `entries` after the committed end and syncs them, without committing them:
-    /// until [`advance`](Self::advance) they are invisible, and a later append overwrites
-    /// them. Returns where each record starts and where they end.
+    /// Writes `entries` after the committed end and syncs them, without committing them: until
+    /// [`advance`](Self::advance) a later append overwrites them, and only a reader that
+    /// found their offsets in sled reads them. Returns where each record starts and where
+    /// they end.
     pub fn append(&self, entries: &[Vec<u8>]) -> io::Result<Appended> {
         #[cfg(test)]
         if self.fail_next.swap(false, Ordering::SeqCst) {
             return Err(io::Error::other("injected append failure"));
         }
         let start = self.end();
+        // Nothing past the committed end is readable while it is being overwritten.
+        self.written.store(start, Ordering::Release);
         if entries.is_empty() {
             return Ok(Appended {
                 offsets: Vec::new(),
@@ -259,7 +267,7 @@ impl EntryLog {
         if whole > record.len() {
             if offset + whole as u64 > end {
                 return Err(StoreError::Corrupt(format!(
-                    "entries file: the record at {offset} runs past the committed end {end}"
+                    "entries file: the record at {offset} runs past the written end {end}"
                 )));
             }
             let have = record.len();
@@ -312,7 +320,7 @@ impl Records {
         let size = size.min(self.end.saturating_sub(offset)) as usize;
         if size < want {
             return Err(StoreError::Corrupt(format!(
-                "entries file: the record at {offset} runs past the committed end {}",
+                "entries file: the record at {offset} runs past the written end {}",
                 self.end
             )));
         }
@@ -341,14 +349,30 @@ impl Records {
 /// knows) to `entries.cut-FROM-LEN` beside the file and syncs it, so that cutting them off
 /// never destroys data, whatever the reason sled's account is short.
 fn keep_cut_tail(file: &File, dir: &Path, from: u64, len: u64) -> Result<(), StoreError> {
-    let side = dir.join(format!("{FILE_NAME}.cut-{from}-{len}"));
+    // A name not taken yet: an earlier cut at the same place is never overwritten.
+    let name = format!("{FILE_NAME}.cut-{from}-{len}");
+    let mut side = dir.join(&name);
+    let mut suffix = 0u32;
+    let mut out = loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&side)
+        {
+            Ok(out) => break out,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && suffix < 1000 => {
+                suffix += 1;
+                side = dir.join(format!("{name}.{suffix}"));
+            }
+            Err(e) => return Err(StoreError::Sync(e)),
+        }
+    };
     tracing::warn!(
         bytes = len - from,
         kept_in = %side.display(),
         "cutting off entries past the last one the index holds (a commit that never completed)"
     );
-    let copy = || -> io::Result<()> {
-        let mut out = File::create(&side)?;
+    let mut copy = || -> io::Result<()> {
         let mut at = from;
         let mut buffer = vec![0u8; READ_AHEAD];
         while at < len {
@@ -360,7 +384,11 @@ fn keep_cut_tail(file: &File, dir: &Path, from: u64, len: u64) -> Result<(), Sto
         out.sync_all()?;
         File::open(dir)?.sync_all()
     };
-    copy().map_err(StoreError::Sync)
+    copy().map_err(|e| {
+        // Nothing was cut; a partial copy would only mislead.
+        let _ = std::fs::remove_file(&side);
+        StoreError::Sync(e)
+    })
 }
 
 impl Iterator for Records {
@@ -461,8 +489,23 @@ mod tests {
             std::fs::read(side).unwrap(),
             whole[kept.end as usize..].to_vec()
         );
+        // The same cut again (the same bytes lost at the same place) does not overwrite the
+        // first side file.
+        log.append(&[b"lost lost lost".to_vec()]).unwrap();
         drop(log);
-        // Even everything, if sled has lost its account (no offsets at all).
+        EntryLog::open(dir.path(), Some((0, 0))).unwrap();
+        let again = dir
+            .path()
+            .join(format!("{FILE_NAME}.cut-{}-{len}.1", kept.end));
+        let mut lost = Vec::new();
+        encode_record(b"lost lost lost", &mut lost).unwrap();
+        assert_eq!(std::fs::read(again).unwrap(), lost);
+        let first = dir
+            .path()
+            .join(format!("{FILE_NAME}.cut-{}-{len}", kept.end));
+        assert_eq!(std::fs::read(first).unwrap(), whole[kept.end as usize..]);
+        // The log cuts what it is told; the store refuses an empty account beside a
+        // non-empty file before it gets here.
         EntryLog::open(dir.path(), None).unwrap();
         let side = dir.path().join(format!("{FILE_NAME}.cut-0-{}", kept.end));
         assert_eq!(std::fs::read(side).unwrap(), whole[..kept.end as usize]);
@@ -513,7 +556,7 @@ mod tests {
         let log = EntryLog::open(dir.path(), last).unwrap();
         assert!(matches!(log.read(0), Err(StoreError::Corrupt(_))));
         assert!(matches!(log.record_end(0), Err(StoreError::Corrupt(_))));
-        // A record that claims to run past the committed end.
+        // A record that claims to run past the written end.
         bytes[..4].copy_from_slice(&(appended.end as u32).to_le_bytes());
         std::fs::write(&path, &bytes).unwrap();
         let log = EntryLog::open(dir.path(), last).unwrap();

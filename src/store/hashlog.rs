@@ -80,7 +80,9 @@ impl HashLog {
     }
 
     /// Writes `hashes` as hashes `first ..` and syncs them without committing them; `first`
-    /// must be the committed count. Until [`advance`](Self::advance) they are not read.
+    /// must be the committed count. Until [`advance`](Self::advance) a later append
+    /// overwrites them; they are read only by a reader that learnt the new tree size from
+    /// sled.
     pub fn append(&self, first: u64, hashes: &[Hash]) -> Result<(), StoreError> {
         if first != self.count() {
             return Err(StoreError::Corrupt(format!(
@@ -94,6 +96,8 @@ impl HashLog {
                 "injected append failure",
             )));
         }
+        // Nothing past the committed count is readable while it is being overwritten.
+        self.written.store(first, Ordering::Release);
         if hashes.is_empty() {
             return Ok(());
         }

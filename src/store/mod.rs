@@ -43,8 +43,9 @@ pub enum StoreError {
     /// An earlier storage failure stopped the ledger's appends until it is restarted.
     #[error("appends stopped after an earlier storage failure; restart the ledger")]
     Stopped,
-    /// Writing the entries file, or making a flush durable (syncing the store's files),
-    /// failed: the batch may not survive a power loss, so it is not acknowledged.
+    /// Writing or syncing the store's files (the entries and hashes files, a side file for a
+    /// cut tail, sled's files on a flush) failed: the batch may not survive a power loss, so
+    /// it is not acknowledged.
     #[error("couldn't write or sync the store's files: {0}")]
     Sync(std::io::Error),
     /// Reading state for a rule failed.
@@ -153,12 +154,7 @@ impl Store {
                     } else {
                         let last = last_offset(&tree)?;
                         let size = stored_size(&tree)?;
-                        if last.is_none() && size > 0 {
-                            // Cutting the file to nothing would hide a whole ledger.
-                            return Err(StoreError::Corrupt(format!(
-                                "the index holds a tree of {size} entries but no entry offsets"
-                            )));
-                        }
+                        check_index_covers(dir, last, size)?;
                         (
                             Some(entrylog::EntryLog::open(dir, last)?),
                             Some(hashlog::HashLog::open(
@@ -311,15 +307,17 @@ impl Store {
             Ok(None) => return Box::new(std::iter::empty()),
             Err(error) => return Box::new(std::iter::once(Err(error))),
         };
-        // Records are read one after another; at each page of offsets the position is checked
-        // against the one sled holds, so a record cannot be slipped in between.
+        // Records are read one after another; the position of the first record of each page
+        // of offsets, and of the last one read, is checked against the one sled holds, so a
+        // record slipped in between shows as a position that does not match.
         let tree = self.tree.clone();
         Box::new(
             (start..)
                 .zip(log.records(offset, end - start))
                 .map(move |(seq, record)| {
                     let (at, bytes) = record?;
-                    if seq % keys::OFFSETS_PER_PAGE == 0 && offset_in(&tree, seq)? != Some(at) {
+                    let checked = seq % keys::OFFSETS_PER_PAGE == 0 || seq + 1 == end;
+                    if checked && offset_in(&tree, seq)? != Some(at) {
                         return Err(StoreError::Corrupt(format!(
                             "entry {seq} is not where its offset says"
                         )));
@@ -776,6 +774,32 @@ impl Store {
     }
 }
 
+/// Refuses, before anything is cut, an index that has lost entries rather than a batch: a
+/// tree size beyond the entries whose offsets it holds, or no offsets at all beside a
+/// non-empty entries file. Cutting then would hide committed entries, and the ledger would
+/// go on from an earlier size, forking the log. (The one legitimate case of the second, a
+/// crash inside a new ledger's very first commit, needs the file moved aside by hand; the
+/// error says so.)
+fn check_index_covers(dir: &Path, last: Option<(u64, u64)>, size: u64) -> Result<(), StoreError> {
+    let known = last.map_or(0, |(seq, _)| seq.saturating_add(1));
+    if size > known {
+        return Err(StoreError::Corrupt(format!(
+            "the index holds a tree of {size} entries but offsets for only {known}"
+        )));
+    }
+    let file = dir.join(entrylog::FILE_NAME);
+    let bytes = std::fs::metadata(&file).map_or(0, |m| m.len());
+    if last.is_none() && bytes > 0 {
+        return Err(StoreError::Corrupt(format!(
+            "{} holds {bytes} bytes but the index knows of no entry (a replaced or lost \
+             database?); if this is a new ledger whose first commit never completed, move \
+             the file aside",
+            file.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Where entry `seq` starts in the entries file, from its `o` page.
 fn offset_in(tree: &sled::Tree, seq: u64) -> Result<Option<u64>, sled::Error> {
     let (page, slot) = (seq / keys::OFFSETS_PER_PAGE, seq % keys::OFFSETS_PER_PAGE);
@@ -1207,6 +1231,52 @@ mod tests {
             Err(StoreError::Corrupt(_))
         ));
         assert_eq!(file_len(dir.path()), len);
+    }
+
+    #[test]
+    fn an_index_that_lost_entries_is_refused_before_anything_is_cut() {
+        let (dir, store, _, _) = store_of(600);
+        let len = file_len(dir.path());
+        // The offsets of the last page lost, the tree size kept.
+        store.tree.remove(keys::offsets_page(2)).unwrap();
+        store.flush().unwrap();
+        drop(store);
+        let refused = Store::open(dir.path()).err().expect("refused");
+        assert!(
+            refused.to_string().contains("offsets for only 512"),
+            "{refused}"
+        );
+        assert_eq!(file_len(dir.path()), len);
+        // sled's database replaced by an empty one beside the entries file.
+        for name in ["db", "conf", "blobs"] {
+            let path = dir.path().join(name);
+            let _ = std::fs::remove_file(&path).or_else(|_| std::fs::remove_dir_all(&path));
+        }
+        for item in std::fs::read_dir(dir.path()).unwrap() {
+            let path = item.unwrap().path();
+            if path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("snap.")
+            {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+        let refused = Store::open(dir.path()).err().expect("refused");
+        assert!(
+            refused.to_string().contains("knows of no entry"),
+            "{refused}"
+        );
+        assert_eq!(file_len(dir.path()), len);
+        let cut = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|item| {
+                let name = item.as_ref().unwrap().file_name();
+                name.to_string_lossy().contains(".cut-")
+            })
+            .count();
+        assert_eq!(cut, 0, "nothing cut");
     }
 
     #[test]
