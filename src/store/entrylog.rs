@@ -145,6 +145,10 @@ impl EntryLog {
     /// record: its seq and offset (`None` for none). Records past it were appended by a
     /// commit that sled never took; they are cut off and the cut is synced. A file that ends
     /// before the last committed record does is `Corrupt`: sled knows of records that are gone.
+    /// So is a non-empty file when sled knows of no record: that is a lost index, not a lost
+    /// batch, and cutting everything would let the ledger start over and fork the log. (The
+    /// one legitimate case, a crash inside a new ledger's very first commit, needs the file
+    /// moved aside by hand; the error says so.)
     pub fn open(dir: &Path, last: Option<(u64, u64)>) -> Result<Self, StoreError> {
         let path = dir.join(FILE_NAME);
         let file = open_file(&path)?;
@@ -158,6 +162,14 @@ impl EntryLog {
             fail_next: Default::default(),
         };
         let (count, committed_end) = match last {
+            None if len > 0 => {
+                return Err(StoreError::Corrupt(format!(
+                    "{} holds {len} bytes but the index knows of no entry (a replaced or lost \
+                     database?); if this is a new ledger whose first commit never completed, \
+                     move the file aside",
+                    path.display()
+                )));
+            }
             None => (0, 0),
             Some((seq, offset)) => {
                 let end = if offset.saturating_add(HEADER) <= len {
@@ -504,11 +516,17 @@ mod tests {
             .path()
             .join(format!("{FILE_NAME}.cut-{}-{len}", kept.end));
         assert_eq!(std::fs::read(first).unwrap(), whole[kept.end as usize..]);
-        // The log cuts what it is told; the store refuses an empty account beside a
-        // non-empty file before it gets here.
-        EntryLog::open(dir.path(), None).unwrap();
-        let side = dir.path().join(format!("{FILE_NAME}.cut-0-{}", kept.end));
-        assert_eq!(std::fs::read(side).unwrap(), whole[..kept.end as usize]);
+        // An empty account beside a non-empty file is a lost index: refused, nothing cut.
+        let before = std::fs::read(dir.path().join(FILE_NAME)).unwrap();
+        assert!(matches!(
+            EntryLog::open(dir.path(), None),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert_eq!(std::fs::read(dir.path().join(FILE_NAME)).unwrap(), before);
+        assert!(!dir
+            .path()
+            .join(format!("{FILE_NAME}.cut-0-{}", kept.end))
+            .exists());
     }
 
     #[test]

@@ -154,7 +154,7 @@ impl Store {
                     } else {
                         let last = last_offset(&tree)?;
                         let size = stored_size(&tree)?;
-                        check_index_covers(dir, last, size)?;
+                        check_index_covers(last, size)?;
                         (
                             Some(entrylog::EntryLog::open(dir, last)?),
                             Some(hashlog::HashLog::open(
@@ -563,12 +563,9 @@ impl Store {
         self.flush()
     }
 
-    fn hash_page(&self, page: u64) -> Result<Vec<u8>, StoreError> {
-        Ok(self
-            .tree
-            .get(keys::hash_page(page))?
-            .map(|v| v.to_vec())
-            .unwrap_or_default())
+    /// The packed page stored under `key` (empty if there is none yet).
+    fn page(&self, key: [u8; 9]) -> Result<Vec<u8>, StoreError> {
+        Ok(self.tree.get(key)?.map(|v| v.to_vec()).unwrap_or_default())
     }
 
     /// Adds `items`, each `size` bytes, to packed pages of `per_page` items under `page_key`,
@@ -586,11 +583,7 @@ impl Store {
         let mut pending = items;
         while let Some(size) = pending.first().map(|item| item.len()) {
             let (page, slot) = (index / per_page, (index % per_page) as usize);
-            let mut bytes = self
-                .tree
-                .get(page_key(page))?
-                .map(|v| v.to_vec())
-                .unwrap_or_default();
+            let mut bytes = self.page(page_key(page))?;
             if bytes.len() != slot * size {
                 return Err(StoreError::Corrupt(format!(
                     "{what} page {page} holds {} bytes, expected {}",
@@ -775,26 +768,14 @@ impl Store {
 }
 
 /// Refuses, before anything is cut, an index that has lost entries rather than a batch: a
-/// tree size beyond the entries whose offsets it holds, or no offsets at all beside a
-/// non-empty entries file. Cutting then would hide committed entries, and the ledger would
-/// go on from an earlier size, forking the log. (The one legitimate case of the second, a
-/// crash inside a new ledger's very first commit, needs the file moved aside by hand; the
-/// error says so.)
-fn check_index_covers(dir: &Path, last: Option<(u64, u64)>, size: u64) -> Result<(), StoreError> {
+/// tree size beyond the entries whose offsets it holds. Cutting the entries file to those
+/// would hide committed entries, and the ledger would go on from an earlier size, forking the
+/// log. (The entries file itself refuses a non-empty file beside no offsets at all.)
+fn check_index_covers(last: Option<(u64, u64)>, size: u64) -> Result<(), StoreError> {
     let known = last.map_or(0, |(seq, _)| seq.saturating_add(1));
     if size > known {
         return Err(StoreError::Corrupt(format!(
             "the index holds a tree of {size} entries but offsets for only {known}"
-        )));
-    }
-    let file = dir.join(entrylog::FILE_NAME);
-    let bytes = std::fs::metadata(&file).map_or(0, |m| m.len());
-    if last.is_none() && bytes > 0 {
-        return Err(StoreError::Corrupt(format!(
-            "{} holds {bytes} bytes but the index knows of no entry (a replaced or lost \
-             database?); if this is a new ledger whose first commit never completed, move \
-             the file aside",
-            file.display()
         )));
     }
     Ok(())
@@ -885,7 +866,10 @@ impl HashReader for Store {
         for &index in indexes {
             let (page, slot) = merkle::page_of(index);
             if cached.as_ref().map(|(p, _)| *p) != Some(page) {
-                cached = Some((page, self.hash_page(page).map_err(reader_error)?));
+                cached = Some((
+                    page,
+                    self.page(keys::hash_page(page)).map_err(reader_error)?,
+                ));
             }
             let bytes = cached
                 .as_ref()

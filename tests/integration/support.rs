@@ -382,8 +382,8 @@ pub async fn run_cli(args: Vec<String>) -> std::process::Output {
     .unwrap()
 }
 
-/// Rewrites entry `seq` directly in a stopped ledger's sled database, as an attacker with
-/// disk access would.
+/// Rewrites entry `seq` directly in a stopped ledger's store (its entries file, or sled for a
+/// ledger that keeps its entries there), as an attacker with disk access would.
 pub fn rewrite_entry(dir: &Path, seq: u64, change: impl FnOnce(&mut custody::proto::Entry)) {
     // A store just closed in this process may hold sled's lock for a moment (as
     // `Store::open` knows): retry for a few seconds.
